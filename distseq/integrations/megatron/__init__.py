@@ -1,0 +1,1 @@
+"""Megatron-Core plugin; the only module that imports megatron."""
