@@ -4,7 +4,7 @@ Every sequence-parallel strategy talks through one :class:`Communicator` and rea
 :class:`SequenceLayout`; :class:`ParallelDims` validates and builds the device mesh.
 """
 
-from distseq.parallel.comm import CommStats, Communicator, CommunicationError
+from distseq.parallel.comm import CommStats, CommunicationError, Communicator
 from distseq.parallel.layout import SequenceLayout
 from distseq.parallel.mesh import MeshAxis, ParallelDims
 

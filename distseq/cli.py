@@ -1,8 +1,8 @@
 """The ``distseq`` command.
 
-    distseq env                                   versions and which optional backends are usable
-    torchrun --nproc-per-node 4 -m distseq check  verify every collective: values, bytes, bandwidth
-    distseq check --nproc 4                       the same, spawning gloo ranks on this machine
+distseq env                                   versions and which optional backends are usable
+torchrun --nproc-per-node 4 -m distseq check  verify every collective: values, bytes, bandwidth
+distseq check --nproc 4                       the same, spawning gloo ranks on this machine
 """
 
 from __future__ import annotations
@@ -60,7 +60,9 @@ def _report_checks(per_rank: list[list[dict]]) -> int:
     for i, c in enumerate(per_rank[0]):
         rate = c["bytes_sent"] / c["seconds"] / 1e9 if c["seconds"] > 0 else 0.0
         ok = all(checks[i]["ok"] for checks in per_rank)
-        print(f"{c['primitive']:<22}{c['numel']:>10}  {c['bytes_sent']:>16}  {rate:>13.3f}  {'ok' if ok else 'FAILED'}")
+        print(
+            f"{c['primitive']:<22}{c['numel']:>10}  {c['bytes_sent']:>16}  {rate:>13.3f}  {'ok' if ok else 'FAILED'}"
+        )
     for rank, c in failed:
         print(
             f"rank {rank}: {c['primitive']} correct={c['correct']} bytes_sent={c['bytes_sent']} "
@@ -76,8 +78,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
         import torch
         import torch.distributed as dist
 
-        backend = "nccl" if torch.cuda.is_available() and args.backend == "auto" else (
-            "gloo" if args.backend == "auto" else args.backend
+        backend = (
+            "nccl"
+            if torch.cuda.is_available() and args.backend == "auto"
+            else ("gloo" if args.backend == "auto" else args.backend)
         )
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -92,7 +96,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return code
     from distseq.testing import run_distributed
 
-    return _report_checks(run_distributed(_check_job, args.nproc, args.numel, args.dtype, timeout=args.timeout))
+    return _report_checks(
+        run_distributed(_check_job, args.nproc, args.numel, args.dtype, timeout=args.timeout)
+    )
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -109,7 +115,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "check",
         help="verify every collective (values, exact bytes, bandwidth) under torchrun or on spawned gloo ranks",
     )
-    check.add_argument("--nproc", type=int, default=4, help="ranks to spawn when not under torchrun (default 4)")
+    check.add_argument(
+        "--nproc", type=int, default=4, help="ranks to spawn when not under torchrun (default 4)"
+    )
     check.add_argument("--numel", type=int, default=1 << 20, help="elements per tensor (default 1048576)")
     check.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     check.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])

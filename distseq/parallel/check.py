@@ -42,7 +42,9 @@ def _ranked(rank: int, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor
     return (rank * 64 + torch.arange(rows * cols, dtype=torch.float64).reshape(rows, cols) % 61).to(dtype)
 
 
-def check_communicator(comm: Communicator, numel: int = 1 << 16, dtype: torch.dtype = torch.float32) -> list[PrimitiveCheck]:
+def check_communicator(
+    comm: Communicator, numel: int = 1 << 16, dtype: torch.dtype = torch.float32
+) -> list[PrimitiveCheck]:
     """Run every primitive once on ``numel``-element tensors; every rank must call it."""
     p, r = comm.size, comm.rank
     cols = 8
@@ -68,7 +70,9 @@ def check_communicator(comm: Communicator, numel: int = 1 << 16, dtype: torch.dt
     # Reductions sum 0/1 patterns, so the result is exact in every dtype up to thousands of ranks.
     bits = [((torch.arange(rows * cols) + j) % 2).reshape(rows, cols).to(dtype) for j in range(p)]
     total = torch.stack([b.double() for b in bits]).sum(0).to(dtype)
-    measure("reduce_scatter", lambda: comm.reduce_scatter(bits[r], 0), total.chunk(p, 0)[r], (p - 1) * nbytes // p)
+    measure(
+        "reduce_scatter", lambda: comm.reduce_scatter(bits[r], 0), total.chunk(p, 0)[r], (p - 1) * nbytes // p
+    )
     measure(
         "all_reduce", lambda: comm.all_reduce(bits[r]), total, 2 * (p - 1) * math.ceil(rows * cols / p) * es
     )

@@ -139,7 +139,9 @@ class P2PExchange:
         if self._local:
             self._recv = list(self._send)
         else:
-            self._recv = list(recv_buffers) if recv_buffers is not None else [torch.empty_like(t) for t in self._send]
+            self._recv = (
+                list(recv_buffers) if recv_buffers is not None else [torch.empty_like(t) for t in self._send]
+            )
         # Distinct tags per direction keep concurrent exchanges apart when both directions reach the same
         # peer (P == 2); every rank builds the same exchange, so sender and receiver agree on the tag.
         self._tag = tag * 64 + 2 * (abs(shift) % 32) + (shift < 0)
@@ -195,7 +197,9 @@ class Communicator:
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         if self.rank < 0:
-            raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of group {name!r}")
+            raise ValueError(
+                f"this process (global rank {dist.get_rank()}) is not a member of group {name!r}"
+            )
         self.size = dist.get_world_size(self.group)
         self.ranks = list(dist.get_process_group_ranks(self.group))
 
@@ -220,7 +224,9 @@ class Communicator:
         handle = CommHandle(work, finish, self._describe(primitive))
         return handle if async_op else handle.wait()
 
-    def all_gather(self, x: torch.Tensor, dim: int = 0, *, async_op: bool = False) -> torch.Tensor | CommHandle:
+    def all_gather(
+        self, x: torch.Tensor, dim: int = 0, *, async_op: bool = False
+    ) -> torch.Tensor | CommHandle:
         """Concatenate every rank's ``x`` along ``dim`` in rank order. All ranks pass the same shape."""
         dim = dim % x.dim()
         if self.size == 1:
@@ -379,9 +385,11 @@ class Communicator:
             )
         outer_size = self.size // inner_size
         inner = self.split(
-            [[o * inner_size + i for i in range(inner_size)] for o in range(outer_size)], name=f"{self.name}.inner"
+            [[o * inner_size + i for i in range(inner_size)] for o in range(outer_size)],
+            name=f"{self.name}.inner",
         )
         outer = self.split(
-            [[o * inner_size + i for o in range(outer_size)] for i in range(inner_size)], name=f"{self.name}.outer"
+            [[o * inner_size + i for o in range(outer_size)] for i in range(inner_size)],
+            name=f"{self.name}.outer",
         )
         return inner, outer

@@ -136,7 +136,12 @@ class SequenceLayout:
     def local_chunks(self) -> list[Chunk]:
         """This rank's chunks with their global spans and local offsets."""
         return [
-            Chunk(index=c, start=c * self.chunk_size, end=(c + 1) * self.chunk_size, local_start=i * self.chunk_size)
+            Chunk(
+                index=c,
+                start=c * self.chunk_size,
+                end=(c + 1) * self.chunk_size,
+                local_start=i * self.chunk_size,
+            )
             for i, c in enumerate(self.chunks())
         ]
 
@@ -152,7 +157,9 @@ class SequenceLayout:
         """This rank's tokens of the full-sequence tensor ``x`` (sequence along ``dim``)."""
         dim = dim % x.dim()
         if x.shape[dim] != self.seq_len:
-            raise ValueError(f"shard expects {self.seq_len} tokens along dim {dim}, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"shard expects {self.seq_len} tokens along dim {dim}, got shape {tuple(x.shape)}"
+            )
         return torch.cat([x.narrow(dim, c.start, c.size) for c in self.local_chunks()], dim=dim)
 
     def unshard(self, shards: Sequence[torch.Tensor], dim: int = 1) -> torch.Tensor:

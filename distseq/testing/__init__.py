@@ -90,7 +90,12 @@ class DistributedWorld:
     """
 
     def __init__(
-        self, world_size: int, *, backend: str = "gloo", timeout: float = 120.0, collective_timeout: float = 60.0
+        self,
+        world_size: int,
+        *,
+        backend: str = "gloo",
+        timeout: float = 120.0,
+        collective_timeout: float = 60.0,
     ):
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -125,8 +130,16 @@ class DistributedWorld:
         self._procs = [
             ctx.Process(
                 target=_worker,
-                args=(r, self.world_size, port, self.backend, self.collective_timeout, threads, self._jobs[r],
-                      self._results),
+                args=(
+                    r,
+                    self.world_size,
+                    port,
+                    self.backend,
+                    self.collective_timeout,
+                    threads,
+                    self._jobs[r],
+                    self._results,
+                ),
                 daemon=True,
                 name=f"distseq-rank{r}",
             )
@@ -136,7 +149,9 @@ class DistributedWorld:
             p.start()
         self._collect(-1, self.timeout, "process group initialisation")
 
-    def run(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None, **kwargs: Any) -> list[Any]:
+    def run(
+        self, fn: Callable[..., Any], *args: Any, timeout: float | None = None, **kwargs: Any
+    ) -> list[Any]:
         """Run ``fn(*args, **kwargs)`` on every rank; return the per-rank results in rank order."""
         self.start()
         job_id = self._next_job
@@ -205,7 +220,12 @@ class DistributedWorld:
 
 
 def run_distributed(
-    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0, backend: str = "gloo", **kwargs: Any
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 120.0,
+    backend: str = "gloo",
+    **kwargs: Any,
 ) -> list[Any]:
     """Spawn ``world_size`` ranks, run ``fn(*args, **kwargs)`` on each, tear down; per-rank results."""
     with DistributedWorld(world_size, backend=backend, timeout=timeout) as world:

@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 
 from distseq.parallel import functional as F
-from distseq.parallel.comm import Communicator
 from distseq.parallel.check import check_communicator
+from distseq.parallel.comm import Communicator
 
 WORLD_SIZES = [1, 2, 4]
 
@@ -50,7 +50,11 @@ def job_collectives(dtype_name: str) -> None:
         torch.testing.assert_close(out.double(), total.chunk(p, dim)[r], rtol=tol, atol=tol)
         assert out.dtype == dtype
         s = comm.stats["reduce_scatter"]
-        assert (s.calls, s.bytes_sent, s.bytes_received) == (1, (p - 1) * _nbytes(out), (p - 1) * _nbytes(out))
+        assert (s.calls, s.bytes_sent, s.bytes_received) == (
+            1,
+            (p - 1) * _nbytes(out),
+            (p - 1) * _nbytes(out),
+        )
 
     comm.stats.reset()
     out = comm.all_reduce(x)
@@ -94,7 +98,9 @@ def job_async_and_p2p() -> None:
     got_back = backward.wait()
     got_fwd = forward.wait()
     src, dst = (r - 1) % p, (r + 1) % p
-    assert torch.equal(got_fwd[0], _data(src, (6, 4))) and torch.equal(got_fwd[1], _data(src, (3,), torch.float32, 1))
+    assert torch.equal(got_fwd[0], _data(src, (6, 4))) and torch.equal(
+        got_fwd[1], _data(src, (3,), torch.float32, 1)
+    )
     assert torch.equal(got_back[0], _data(dst, (3,), torch.float32, 1) * 2)
     assert torch.equal(got_back[1], _data(dst, (6, 4)) * 3)
     s = comm.stats["send_recv"]
@@ -147,7 +153,9 @@ def job_autograd() -> None:
 def job_split() -> list[list[int]]:
     comm = Communicator()
     p, r = comm.size, comm.rank
-    evens_odds = comm.split([[j for j in range(p) if j % 2 == 0], [j for j in range(p) if j % 2 == 1]] if p > 1 else [[0]])
+    evens_odds = comm.split(
+        [[j for j in range(p) if j % 2 == 0], [j for j in range(p) if j % 2 == 1]] if p > 1 else [[0]]
+    )
     out = evens_odds.all_gather(torch.tensor([float(r)]))
     assert out.tolist() == [float(j) for j in evens_odds.ranks]
     assert evens_odds.stats.calls == 1 and comm.stats.calls == 0  # stats are per communicator
@@ -214,7 +222,12 @@ def test_self_check_passes(worlds, world_size, dtype_name):
     per_rank = worlds(world_size).run(job_check, dtype_name)
     bad = [c for checks in per_rank for c in checks if not c["ok"]]
     assert not bad, bad
-    assert {c["primitive"] for c in per_rank[0]} >= {"all_gather", "reduce_scatter", "all_reduce", "all_to_all"}
+    assert {c["primitive"] for c in per_rank[0]} >= {
+        "all_gather",
+        "reduce_scatter",
+        "all_reduce",
+        "all_to_all",
+    }
 
 
 def test_solo_communicator_without_process_group():

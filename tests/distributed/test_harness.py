@@ -39,7 +39,9 @@ def test_results_in_rank_order_with_args(worlds):
 
 def test_remote_error_names_rank_and_world_recovers():
     with DistributedWorld(2, timeout=30) as world:
-        with pytest.raises(RemoteError, match=r"job_fail_on_rank failed on rank\(s\) \[1\](.|\n)*KeyError: 'boom on 1'"):
+        with pytest.raises(
+            RemoteError, match=r"job_fail_on_rank failed on rank\(s\) \[1\](.|\n)*KeyError: 'boom on 1'"
+        ):
             world.run(job_fail_on_rank, 1)
         assert world.run(job_rank_info, 0) == [(0, 2, 0), (1, 2, 1)]
 
@@ -47,7 +49,9 @@ def test_remote_error_names_rank_and_world_recovers():
 def test_hang_fails_fast_with_timeout_and_world_recovers():
     with DistributedWorld(2, timeout=30, collective_timeout=60) as world:
         start = time.monotonic()
-        with pytest.raises(TimeoutError, match=r"job_mismatched_collective did not finish within 3s on rank\(s\) \[0\]"):
+        with pytest.raises(
+            TimeoutError, match=r"job_mismatched_collective did not finish within 3s on rank\(s\) \[0\]"
+        ):
             world.run(job_mismatched_collective, timeout=3)
         assert time.monotonic() - start < 20
         assert world.run(job_rank_info, 1) == [(0, 2, 1), (1, 2, 2)]

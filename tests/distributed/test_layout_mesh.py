@@ -48,7 +48,10 @@ def job_mesh(dp: int, sp: int, tp: int, ep: int) -> dict[str, list[int]]:
 def job_mesh_world_mismatch() -> None:
     dims = ParallelDims(dp=1, sp=1, tp=1, world_size=1)
     if dist.get_world_size() != 1:
-        with pytest.raises(ValueError, match=rf"world_size=1\) does not match the initialised world of {dist.get_world_size()}"):
+        with pytest.raises(
+            ValueError,
+            match=rf"world_size=1\) does not match the initialised world of {dist.get_world_size()}",
+        ):
             dims.build_mesh()
 
 
@@ -61,7 +64,16 @@ def test_gather_round_trip(worlds, world_size, kind, dim):
 
 @pytest.mark.parametrize(
     "dp,sp,tp,ep",
-    [(1, 1, 1, 1), (1, 2, 1, 1), (1, 2, 1, 2), (1, 4, 1, 1), (1, 2, 2, 1), (2, 2, 1, 1), (2, 1, 2, 1), (2, 2, 1, 4)],
+    [
+        (1, 1, 1, 1),
+        (1, 2, 1, 1),
+        (1, 2, 1, 2),
+        (1, 4, 1, 1),
+        (1, 2, 2, 1),
+        (2, 2, 1, 1),
+        (2, 1, 2, 1),
+        (2, 2, 1, 4),
+    ],
 )
 def test_mesh_communicators_match_axis_groups(worlds, dp, sp, tp, ep):
     worlds(dp * sp * tp).run(job_mesh, dp, sp, tp, ep)

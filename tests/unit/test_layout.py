@@ -87,7 +87,10 @@ def test_cu_seqlens_as_list_and_single_document():
     ("args", "match"),
     [
         (("zigzag", 12, 4, 0), r"zigzag layout needs seq_len divisible by 8 \(2\*sp\): seq_len=12, sp=4"),
-        (("contiguous", 10, 4, 0), r"contiguous layout needs seq_len divisible by 4 \(sp\): seq_len=10, sp=4"),
+        (
+            ("contiguous", 10, 4, 0),
+            r"contiguous layout needs seq_len divisible by 4 \(sp\): seq_len=10, sp=4",
+        ),
         (("diagonal", 8, 2, 0), r"unknown layout kind 'diagonal'"),
         (("zigzag", 8, 2, 2), r"sp_rank must be in \[0, 2\), got 2"),
         (("zigzag", 8, 0, 0), r"sp_size must be >= 1, got 0"),

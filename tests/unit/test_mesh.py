@@ -34,7 +34,9 @@ def test_axis_groups(dims, axis, groups):
     assert dims.axis_groups(axis) == groups
 
 
-@pytest.mark.parametrize("dp,sp,tp,ep", [(1, 4, 1, 1), (1, 2, 2, 1), (2, 2, 1, 1), (1, 2, 1, 2), (2, 1, 2, 1), (2, 2, 2, 4)])
+@pytest.mark.parametrize(
+    "dp,sp,tp,ep", [(1, 4, 1, 1), (1, 2, 2, 1), (2, 2, 1, 1), (1, 2, 1, 2), (2, 1, 2, 1), (2, 2, 2, 4)]
+)
 def test_axis_groups_partition_the_world(dp, sp, tp, ep):
     dims = ParallelDims(dp=dp, sp=sp, tp=tp, ep=ep, world_size=dp * sp * tp)
     for axis in MeshAxis:
