@@ -35,9 +35,7 @@ def _check_ids(name: str, ids: torch.Tensor) -> None:
     if not isinstance(ids, torch.Tensor):
         raise ValueError(f"{name} must be a 1-D integer tensor, got {type(ids).__name__}")
     if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise ValueError(
-            f"{name} must be a 1-D integer tensor, got shape={tuple(ids.shape)} dtype={ids.dtype}"
-        )
+        raise ValueError(f"{name} must be a 1-D integer tensor, got shape={tuple(ids.shape)} dtype={ids.dtype}")
 
 
 def _check_positions(

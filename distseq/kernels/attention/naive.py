@@ -16,7 +16,7 @@ import torch
 
 from distseq.kernels.attention.mask import _check_positions, _kind_and_mask
 
-__all__ = ["block_attention", "block_attention_backward"]
+__all__ = ["attention_delta", "block_attention", "block_attention_backward"]
 
 
 def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -25,13 +25,9 @@ def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            f"q, k, v must be [B, T, H, D], got q={tuple(q.shape)} k={tuple(k.shape)} v={tuple(v.shape)}"
-        )
+        raise ValueError(f"q, k, v must be [B, T, H, D], got q={tuple(q.shape)} k={tuple(k.shape)} v={tuple(v.shape)}")
     if k.shape != v.shape:
-        raise ValueError(
-            f"k and v must have the same shape [B, Tk, Hkv, D], got k={tuple(k.shape)} v={tuple(v.shape)}"
-        )
+        raise ValueError(f"k and v must have the same shape [B, Tk, Hkv, D], got k={tuple(k.shape)} v={tuple(v.shape)}")
     batch, _, heads, head_dim = q.shape
     kv_batch, _, kv_heads, kv_head_dim = k.shape
     if kv_batch != batch:
@@ -149,12 +145,18 @@ def block_attention(
     return _from_groups(out, q_len), lse.reshape(batch, heads, q_len)
 
 
+def attention_delta(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``Dsum = rowsum(dout * out)`` ``[B, H, T]`` in the accumulation dtype, for the attention backward."""
+    dtype = _accum_dtype(dout.dtype)
+    return (dout.to(dtype) * out.to(dtype)).sum(-1).transpose(1, 2)
+
+
 def block_attention_backward(
     dout: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    out: torch.Tensor,
+    out: torch.Tensor | None,
     lse: torch.Tensor,
     *,
     q_pos: torch.Tensor | None = None,
@@ -163,6 +165,7 @@ def block_attention_backward(
     softmax_scale: float | None = None,
     q_doc: torch.Tensor | None = None,
     k_doc: torch.Tensor | None = None,
+    delta: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one block of an attention whose final output is ``out`` (flash-attention style).
 
@@ -180,20 +183,26 @@ def block_attention_backward(
         q, k, v, q_pos, k_pos, causal, softmax_scale, q_doc, k_doc: as in :func:`block_attention`.
         out: ``[B, Tq, H, D]`` final output of the whole attention.
         lse: ``[B, H, Tq]`` final log-sum-exp of the whole attention.
+        delta: optional ``[B, H, Tq]`` ``Dsum`` precomputed by :func:`attention_delta`; when given, ``out``
+            is not read (may be None), so a strategy can ship ``h`` numbers per token instead of ``out``.
 
     Returns:
         ``dq`` ``[B, Tq, H, D]``, ``dk`` and ``dv`` ``[B, Tk, Hkv, D]`` in the accumulation dtype (fp64 for
         fp64 inputs, fp32 otherwise).
     """
     _check_qkv(q, k, v)
-    if dout.shape != q.shape or out.shape != q.shape:
+    if out is None and delta is None:
+        raise ValueError("block_attention_backward needs out or delta")
+    if dout.shape != q.shape or (delta is None and out.shape != q.shape):
         raise ValueError(
             f"dout and out must have the shape of q {tuple(q.shape)}, got dout={tuple(dout.shape)} "
-            f"out={tuple(out.shape)}"
+            f"out={None if out is None else tuple(out.shape)}"
         )
     batch, q_len, heads, head_dim = q.shape
     if lse.shape != (batch, heads, q_len):
         raise ValueError(f"lse must be [B, H, Tq]={(batch, heads, q_len)}, got {tuple(lse.shape)}")
+    if delta is not None and delta.shape != lse.shape:
+        raise ValueError(f"delta must be [B, H, Tq]={(batch, heads, q_len)}, got {tuple(delta.shape)}")
     q_pos, k_pos, q_doc, k_doc = _resolve_positions(q, k, q_pos, k_pos, q_doc, k_doc)
     kv_heads = k.shape[2]
     group = heads // kv_heads
@@ -203,7 +212,6 @@ def block_attention_backward(
 
     q_grouped = _to_groups(q, kv_heads, dtype)  # [B, Hkv, G*Tq, D]
     dout_grouped = _to_groups(dout, kv_heads, dtype)
-    out_grouped = _to_groups(out, kv_heads, dtype)
     k_heads_first = _kv_heads_first(k, dtype)  # [B, Hkv, Tk, D]
     v_heads_first = _kv_heads_first(v, dtype)
     lse = lse.to(dtype).reshape(batch, kv_heads, group * q_len, 1)
@@ -218,7 +226,9 @@ def block_attention_backward(
 
     dv = torch.matmul(probs.transpose(-1, -2), dout_grouped)  # [B, Hkv, Tk, D]
     dprobs = torch.matmul(dout_grouped, v_heads_first.transpose(-1, -2))  # [B, Hkv, G*Tq, Tk]
-    row_dot = (dout_grouped * out_grouped).sum(dim=-1, keepdim=True)  # Dsum, [B, Hkv, G*Tq, 1]
+    if delta is None:
+        delta = attention_delta(dout, out)
+    row_dot = delta.to(dtype).reshape(batch, kv_heads, group * q_len, 1)  # Dsum
     dscores = probs * (dprobs - row_dot)
     dq = torch.matmul(dscores, k_heads_first) * scale  # [B, Hkv, G*Tq, D]
     dk = torch.matmul(dscores.transpose(-1, -2), q_grouped) * scale  # [B, Hkv, Tk, D]

@@ -1,0 +1,118 @@
+"""The interface every sequence-parallel strategy implements, and the input checks they share.
+
+Every check here runs before any collective, so bad input raises a ValueError on every rank instead of
+leaving some ranks waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from distseq.parallel.comm import Communicator
+from distseq.parallel.layout import SequenceLayout, _validate_cu_seqlens
+from distseq.parallel.sequence._blocks import AttentionSpec
+
+__all__ = ["SequenceStrategy", "check_qkv", "replicate_kv_heads"]
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SequenceLayout) -> None:
+    """Shapes ``[batch, local_tokens, heads, head_dim]``, GQA divisibility, dtypes and the layout's length."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"q, k, v must be [batch, local_tokens, heads, head_dim], got q={tuple(q.shape)} "
+            f"k={tuple(k.shape)} v={tuple(v.shape)}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k={tuple(k.shape)} v={tuple(v.shape)}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"batch mismatch: q batch={q.shape[0]}, k/v batch={k.shape[0]}")
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(f"local token mismatch: q has {q.shape[1]} tokens, k/v have {k.shape[1]}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"head_dim mismatch: q head_dim={q.shape[3]}, k/v head_dim={k.shape[3]}")
+    heads, kv_heads = q.shape[2], k.shape[2]
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"query heads must be divisible by kv heads: heads={heads}, kv_heads={kv_heads}")
+    if not q.is_floating_point() or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one floating dtype, got q={q.dtype} k={k.dtype} v={v.dtype}")
+    if q.shape[1] != layout.local_len:
+        raise ValueError(
+            f"q has {q.shape[1]} local tokens but the {layout.kind.value} layout gives this rank "
+            f"{layout.local_len} (seq_len={layout.seq_len}, sp={layout.sp_size})"
+        )
+
+
+def replicate_kv_heads(k: torch.Tensor, v: torch.Tensor, heads: int, degree: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Repeat each KV head so the KV head count divides by ``degree`` (for head-sharded attention).
+
+    The smallest factor ``f = degree / gcd(kv_heads, degree)`` keeps the GQA grouping: query head ``h``
+    still reads a copy of KV head ``h // (heads / kv_heads)``. Autograd sums the copies' gradients.
+    """
+    kv_heads = k.shape[2]
+    factor = degree // math.gcd(kv_heads, degree)
+    if factor == 1:
+        return k, v
+    assert heads % (kv_heads * factor) == 0, (heads, kv_heads, factor)
+    return k.repeat_interleave(factor, dim=2), v.repeat_interleave(factor, dim=2)
+
+
+class SequenceStrategy:
+    """Base of the sequence-parallel strategies: one Communicator (the SP group) and the model's layout.
+
+    Subclasses implement ``attention`` (softmax layers) and/or ``linear_attention`` (LASP-2).
+    """
+
+    name: str = ""
+
+    def __init__(self, comm: Communicator, layout: SequenceLayout):
+        if comm.size != layout.sp_size or comm.rank != layout.sp_rank:
+            raise ValueError(
+                f"{self.name or type(self).__name__}: the communicator (rank {comm.rank} of {comm.size}) does "
+                f"not match the layout (sp_rank {layout.sp_rank} of sp {layout.sp_size})"
+            )
+        self.comm = comm
+        self.layout = layout
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(comm={self.comm!r}, layout={self.layout!r})"
+
+    def attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        causal: bool = True,
+        softmax_scale: float | None = None,
+        cu_seqlens: torch.Tensor | Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        raise TypeError(f"strategy {self.name!r} does not implement softmax attention")
+
+    def linear_attention(self, q, k, v, *, decay=None, gate=None, cu_seqlens=None) -> torch.Tensor:
+        raise TypeError(f"strategy {self.name!r} does not implement linear attention; use 'lasp2'")
+
+    def _spec(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool,
+        softmax_scale: float | None,
+        cu_seqlens: torch.Tensor | Sequence[int] | None,
+    ) -> AttentionSpec:
+        """Validate a softmax-attention call and resolve its scale and documents (no collective)."""
+        check_qkv(q, k, v, self.layout)
+        if cu_seqlens is None:
+            cu = self.layout.cu_seqlens
+        else:
+            cu = _validate_cu_seqlens(cu_seqlens, self.layout.seq_len)
+            if self.layout.cu_seqlens is not None and not torch.equal(cu, self.layout.cu_seqlens):
+                raise ValueError("cu_seqlens differs from the documents the layout was built with")
+        doc_ids = None
+        if cu is not None:
+            doc_ids = torch.repeat_interleave(torch.arange(cu.numel() - 1), cu[1:] - cu[:-1])
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+        return AttentionSpec(self.layout, bool(causal), scale, doc_ids)

@@ -1,0 +1,33 @@
+"""The only place a strategy name becomes a class."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from distseq.parallel.comm import Communicator
+from distseq.parallel.layout import SequenceLayout
+from distseq.parallel.sequence.base import SequenceStrategy
+
+__all__ = ["STRATEGIES", "make_strategy"]
+
+# name -> "module:Class"; modules are imported on first use.
+STRATEGIES: dict[str, str] = {
+    "ring": "distseq.parallel.sequence.ring:RingAttention",
+    "ulysses": "distseq.parallel.sequence.ulysses:UlyssesAttention",
+    "allgather_kv": "distseq.parallel.sequence.allgather_kv:AllGatherKVAttention",
+    "token_ring": "distseq.parallel.sequence.token_ring:TokenRingAttention",
+    "usp": "distseq.parallel.sequence.usp:USPAttention",
+}
+
+
+def make_strategy(name: str, comm: Communicator, layout: SequenceLayout, **options: Any) -> SequenceStrategy:
+    """Build the strategy ``name`` over the SP communicator ``comm`` for the model's ``layout``.
+
+    ``options`` are the strategy's own settings (e.g. ``ulysses_degree`` for ``"usp"``).
+    """
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown sequence-parallel strategy {name!r}; choose one of {sorted(STRATEGIES)}")
+    module, cls = STRATEGIES[name].split(":")
+    strategy_cls = getattr(importlib.import_module(module), cls)
+    return strategy_cls(comm, layout, **options)
