@@ -1,0 +1,90 @@
+"""All-gather KV (the softmax path of LASP-2H): one all-gather of K and V, local queries against the
+whole gathered sequence with the layout's mask; backward re-gathers K/V and reduce-scatters dK/dV.
+
+K and V travel in one collective (stacked), and so do their gradients. Communication per rank (``n``
+local tokens, ``dkv = kv_heads * head_dim``, ``s`` bytes per element): forward ``(P-1) 2 n dkv s``;
+backward ``(P-1) 2 n dkv s`` (re-gather) ``+ (P-1) 2 n dkv 4`` (fp32 reduce-scatter of dK/dV).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from distseq.kernels.attention import attention_delta
+from distseq.parallel.comm import Communicator
+from distseq.parallel.layout import SequenceLayout
+from distseq.parallel.sequence._blocks import (
+    AttentionSpec,
+    attend,
+    attend_backward,
+    block_plan,
+    new_accumulators,
+    rank_spans,
+)
+from distseq.parallel.sequence.base import SequenceStrategy
+
+__all__ = ["AllGatherKVAttention"]
+
+
+def _gather_kv(comm: Communicator, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    kv = comm.all_gather(torch.stack([k, v]), dim=2)  # [2, B, P*n, Hkv, D], ranks' tokens in rank order
+    return kv[0], kv[1]
+
+
+def allgather_kv_forward(spec, comm, q, k, v, plan):
+    k_all, v_all = _gather_kv(comm, k, v)
+    out, lse = new_accumulators(q)
+    attend(spec, q, k_all, v_all, plan, out, lse)
+    return out, lse
+
+
+def allgather_kv_backward(spec, comm, dout, q, k, v, out, lse, plan):
+    k_all, v_all = _gather_kv(comm, k, v)
+    delta = attention_delta(dout, out)
+    dq = torch.zeros_like(out)
+    dkv = torch.zeros((2, *k_all.shape), dtype=out.dtype, device=k.device)
+    attend_backward(spec, dout, q, k_all, v_all, lse, delta, plan, dq, dkv[0], dkv[1])
+    dkv = comm.reduce_scatter(dkv, dim=2)  # every rank's contribution to our K/V, summed
+    return dq, dkv[0], dkv[1]
+
+
+class _AllGatherKVAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, spec: AttentionSpec, comm: Communicator, plan: list):
+        out, lse = allgather_kv_forward(spec, comm, q, k, v, plan)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.spec, ctx.comm, ctx.plan = spec, comm, plan
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = allgather_kv_backward(ctx.spec, ctx.comm, dout, q, k, v, out, lse, ctx.plan)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+class AllGatherKVAttention(SequenceStrategy):
+    """One all-gather of K/V per layer; memory grows with the full K/V, communication does not overlap."""
+
+    name = "allgather_kv"
+
+    def __init__(self, comm: Communicator, layout: SequenceLayout):
+        super().__init__(comm, layout)
+
+    def attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        causal: bool = True,
+        softmax_scale: float | None = None,
+        cu_seqlens: torch.Tensor | Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        spec = self._spec(q, k, v, causal, softmax_scale, cu_seqlens)
+        plan = block_plan(
+            spec, rank_spans(spec, [self.comm.rank], q.device), rank_spans(spec, range(self.comm.size), q.device)
+        )
+        return _AllGatherKVAttention.apply(q, k, v, spec, self.comm, plan)

@@ -1,0 +1,88 @@
+"""USP (Ulysses x Ring, 2D): Ulysses all-to-all inside groups of ``ulysses_degree`` consecutive SP ranks,
+Ring Attention across the groups.
+
+After the all-to-all a rank holds the tokens of its whole Ulysses group on ``heads / ulysses_degree`` heads;
+the ring then rotates those group-sized K/V blocks among the ranks that hold the same heads in the other
+groups. ``ulysses_degree == sp`` is Ulysses, ``ulysses_degree == 1`` is Ring.
+
+Communication per rank (``u`` = ulysses degree, ``R = P / u`` ring size, ``n`` local tokens, ``d``, ``dkv``
+after KV replication to a multiple of ``u``, ``s`` bytes per element), summed over both communicators:
+forward ``(u-1)/u n (2d + 2dkv) s + (R-1) 2 n dkv s``; backward ``(u-1)/u n (2d + 2dkv) s +
+(R-1) 2 n dkv s + R 2 n dkv 4`` (for ``R > 1``; the ring part is 0 when ``R == 1``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from distseq.parallel.comm import Communicator
+from distseq.parallel.layout import SequenceLayout
+from distseq.parallel.sequence._blocks import AttentionSpec, rank_spans
+from distseq.parallel.sequence.base import SequenceStrategy, replicate_kv_heads
+from distseq.parallel.sequence.ring import ring_attention_backward, ring_attention_forward, ring_plans
+from distseq.parallel.sequence.ulysses import check_head_sharding, heads_to_seq, seq_to_heads
+
+__all__ = ["USPAttention"]
+
+
+class _USPAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, spec: AttentionSpec, inner: Communicator, outer: Communicator, plans: list):
+        qh, kh, vh = seq_to_heads(inner, q), seq_to_heads(inner, k), seq_to_heads(inner, v)
+        out, lse = ring_attention_forward(spec, outer, qh, kh, vh, plans)
+        ctx.save_for_backward(qh, kh, vh, out, lse)
+        ctx.spec, ctx.inner, ctx.outer, ctx.plans = spec, inner, outer, plans
+        return heads_to_seq(inner, out.to(q.dtype))
+
+    @staticmethod
+    def backward(ctx, dout):
+        qh, kh, vh, out, lse = ctx.saved_tensors
+        inner = ctx.inner
+        dout_h = seq_to_heads(inner, dout)
+        dq, dk, dv = ring_attention_backward(ctx.spec, ctx.outer, dout_h, qh, kh, vh, out, lse, ctx.plans)
+        return (
+            heads_to_seq(inner, dq.to(qh.dtype)),
+            heads_to_seq(inner, dk.to(kh.dtype)),
+            heads_to_seq(inner, dv.to(vh.dtype)),
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+class USPAttention(SequenceStrategy):
+    """Ulysses inside groups of ``ulysses_degree`` consecutive SP ranks x Ring across the groups."""
+
+    name = "usp"
+
+    def __init__(self, comm: Communicator, layout: SequenceLayout, *, ulysses_degree: int):
+        super().__init__(comm, layout)
+        if ulysses_degree < 1 or comm.size % ulysses_degree:
+            raise ValueError(f"usp needs ulysses_degree dividing sp: ulysses_degree={ulysses_degree}, sp={comm.size}")
+        self.ulysses_degree = ulysses_degree
+        # Collective: every SP rank builds the same strategy, so every rank creates the sub-groups.
+        self.inner, self.outer = comm.split_grid(ulysses_degree)
+
+    def attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        causal: bool = True,
+        softmax_scale: float | None = None,
+        cu_seqlens: torch.Tensor | Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        spec = self._spec(q, k, v, causal, softmax_scale, cu_seqlens)
+        u = self.ulysses_degree
+        check_head_sharding("usp", q.shape[2], u, "ulysses_degree")
+        k, v = replicate_kv_heads(k, v, q.shape[2], u)
+
+        def group_spans(ring_rank: int):
+            return rank_spans(spec, [ring_rank * u + i for i in range(u)], q.device)
+
+        plans = ring_plans(spec, self.outer, group_spans(self.outer.rank), group_spans)
+        return _USPAttention.apply(q, k, v, spec, self.inner, self.outer, plans)
