@@ -60,9 +60,7 @@ def _report_checks(per_rank: list[list[dict]]) -> int:
     for i, c in enumerate(per_rank[0]):
         rate = c["bytes_sent"] / c["seconds"] / 1e9 if c["seconds"] > 0 else 0.0
         ok = all(checks[i]["ok"] for checks in per_rank)
-        print(
-            f"{c['primitive']:<22}{c['numel']:>10}  {c['bytes_sent']:>16}  {rate:>13.3f}  {'ok' if ok else 'FAILED'}"
-        )
+        print(f"{c['primitive']:<22}{c['numel']:>10}  {c['bytes_sent']:>16}  {rate:>13.3f}  {'ok' if ok else 'FAILED'}")
     for rank, c in failed:
         print(
             f"rank {rank}: {c['primitive']} correct={c['correct']} bytes_sent={c['bytes_sent']} "
@@ -96,9 +94,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return code
     from distseq.testing import run_distributed
 
-    return _report_checks(
-        run_distributed(_check_job, args.nproc, args.numel, args.dtype, timeout=args.timeout)
-    )
+    return _report_checks(run_distributed(_check_job, args.nproc, args.numel, args.dtype, timeout=args.timeout))
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -115,9 +111,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "check",
         help="verify every collective (values, exact bytes, bandwidth) under torchrun or on spawned gloo ranks",
     )
-    check.add_argument(
-        "--nproc", type=int, default=4, help="ranks to spawn when not under torchrun (default 4)"
-    )
+    check.add_argument("--nproc", type=int, default=4, help="ranks to spawn when not under torchrun (default 4)")
     check.add_argument("--numel", type=int, default=1 << 20, help="elements per tensor (default 1048576)")
     check.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     check.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])

@@ -17,13 +17,10 @@ import torch
 __all__ = ["merge_attention", "merge_attention_"]
 
 
-def _check_partials(
-    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
-) -> None:
+def _check_partials(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
     if out_a.dim() != 4 or out_a.shape != out_b.shape:
         raise ValueError(
-            f"outputs must both be [B, T, H, D] of one shape, got {tuple(out_a.shape)} and "
-            f"{tuple(out_b.shape)}"
+            f"outputs must both be [B, T, H, D] of one shape, got {tuple(out_a.shape)} and {tuple(out_b.shape)}"
         )
     batch, seq_len, heads, _ = out_a.shape
     if lse_a.shape != (batch, heads, seq_len) or lse_b.shape != (batch, heads, seq_len):
@@ -33,9 +30,7 @@ def _check_partials(
         )
 
 
-def _merge_weights(
-    lse_a: torch.Tensor, lse_b: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _merge_weights(lse_a: torch.Tensor, lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Merged lse ``[B, H, T]`` and the weights ``[B, T, H, 1]`` of each side's output."""
     lse_max = torch.maximum(lse_a, lse_b)
     alive = torch.isfinite(lse_max)  # at least one side has an allowed key

@@ -70,12 +70,8 @@ def check_communicator(
     # Reductions sum 0/1 patterns, so the result is exact in every dtype up to thousands of ranks.
     bits = [((torch.arange(rows * cols) + j) % 2).reshape(rows, cols).to(dtype) for j in range(p)]
     total = torch.stack([b.double() for b in bits]).sum(0).to(dtype)
-    measure(
-        "reduce_scatter", lambda: comm.reduce_scatter(bits[r], 0), total.chunk(p, 0)[r], (p - 1) * nbytes // p
-    )
-    measure(
-        "all_reduce", lambda: comm.all_reduce(bits[r]), total, 2 * (p - 1) * math.ceil(rows * cols / p) * es
-    )
+    measure("reduce_scatter", lambda: comm.reduce_scatter(bits[r], 0), total.chunk(p, 0)[r], (p - 1) * nbytes // p)
+    measure("all_reduce", lambda: comm.all_reduce(bits[r]), total, 2 * (p - 1) * math.ceil(rows * cols / p) * es)
     measure(
         "all_to_all",
         lambda: comm.all_to_all(x, scatter_dim=0, gather_dim=1),

@@ -110,7 +110,8 @@ class P2PExchange:
 
     Built by :meth:`Communicator.send_recv`; nothing moves until :meth:`commit`. Several exchanges may be
     committed before any is waited on, e.g. both ring directions at once. Receive buffers may be passed
-    in to reuse memory across ring steps.
+    in to reuse memory across ring steps. A one-sided exchange (``send=False`` or ``recv=False``) lets a
+    schedule skip a transfer both ends know is not needed; the tensors then only give the receive shapes.
     """
 
     def __init__(
@@ -120,12 +121,12 @@ class P2PExchange:
         shift: int,
         recv_buffers: Sequence[torch.Tensor] | None,
         tag: int,
+        send: bool = True,
+        recv: bool = True,
     ):
         if recv_buffers is not None:
             if len(recv_buffers) != len(tensors):
-                raise ValueError(
-                    f"send_recv got {len(tensors)} tensors but {len(recv_buffers)} receive buffers"
-                )
+                raise ValueError(f"send_recv got {len(tensors)} tensors but {len(recv_buffers)} receive buffers")
             for t, buf in zip(tensors, recv_buffers, strict=True):
                 if t.shape != buf.shape or t.dtype != buf.dtype:
                     raise ValueError(
@@ -135,12 +136,18 @@ class P2PExchange:
         self._comm = comm
         self._shift = shift
         self._local = shift % comm.size == 0
-        self._send = [t.contiguous() for t in tensors]
+        if self._local and send != recv:
+            raise ValueError(f"a one-sided send_recv needs a peer other than self: shift={shift}, size={comm.size}")
+        self._send = [t.contiguous() for t in tensors] if send else []
         if self._local:
             self._recv = list(self._send)
+        elif not recv:
+            self._recv = []
         else:
             self._recv = (
-                list(recv_buffers) if recv_buffers is not None else [torch.empty_like(t) for t in self._send]
+                list(recv_buffers)
+                if recv_buffers is not None
+                else [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
             )
         # Distinct tags per direction keep concurrent exchanges apart when both directions reach the same
         # peer (P == 2); every rank builds the same exchange, so sender and receiver agree on the tag.
@@ -161,8 +168,9 @@ class P2PExchange:
         src = comm.ranks[(comm.rank - self._shift) % comm.size]
         ops = [dist.P2POp(dist.isend, t, dst, comm.group, self._tag) for t in self._send]
         ops += [dist.P2POp(dist.irecv, t, src, comm.group, self._tag) for t in self._recv]
-        with nvtx_range(f"distseq.send_recv[{comm.name}]"):
-            self._works = dist.batch_isend_irecv(ops)
+        if ops:
+            with nvtx_range(f"distseq.send_recv[{comm.name}]"):
+                self._works = dist.batch_isend_irecv(ops)
         comm.stats.record("send_recv", sent, sum(_nbytes(t) for t in self._recv))
         return self
 
@@ -197,9 +205,7 @@ class Communicator:
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         if self.rank < 0:
-            raise ValueError(
-                f"this process (global rank {dist.get_rank()}) is not a member of group {name!r}"
-            )
+            raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of group {name!r}")
         self.size = dist.get_world_size(self.group)
         self.ranks = list(dist.get_process_group_ranks(self.group))
 
@@ -224,9 +230,7 @@ class Communicator:
         handle = CommHandle(work, finish, self._describe(primitive))
         return handle if async_op else handle.wait()
 
-    def all_gather(
-        self, x: torch.Tensor, dim: int = 0, *, async_op: bool = False
-    ) -> torch.Tensor | CommHandle:
+    def all_gather(self, x: torch.Tensor, dim: int = 0, *, async_op: bool = False) -> torch.Tensor | CommHandle:
         """Concatenate every rank's ``x`` along ``dim`` in rank order. All ranks pass the same shape."""
         dim = dim % x.dim()
         if self.size == 1:
@@ -255,8 +259,7 @@ class Communicator:
         dim = dim % x.dim()
         if x.shape[dim] % self.size:
             raise ValueError(
-                f"reduce_scatter needs dim {dim} divisible by the group size: "
-                f"shape={tuple(x.shape)}, size={self.size}"
+                f"reduce_scatter needs dim {dim} divisible by the group size: shape={tuple(x.shape)}, size={self.size}"
             )
         if self.size == 1:
             return self._run("reduce_scatter", lambda: None, lambda: x, 0, 0, async_op)
@@ -332,16 +335,19 @@ class Communicator:
         *,
         recv_buffers: Sequence[torch.Tensor] | None = None,
         tag: int = 0,
+        send: bool = True,
+        recv: bool = True,
     ) -> P2PExchange:
         """Prepare sending ``tensors`` to ``rank + shift`` and receiving the same shapes from
         ``rank - shift``. Call ``.commit()`` to start and ``.wait()`` for the received list.
 
-        Every rank of the group must build the same exchanges (same shift, shapes and ``tag``) in the
-        same order.
+        Every rank of the group must build matching exchanges (same shift, shapes and ``tag``) in the same
+        order. ``send=False`` / ``recv=False`` drop one side (``wait()`` then returns ``[]`` when nothing is
+        received); the peer must drop the matching side.
         """
         if isinstance(tensors, torch.Tensor):
             tensors = [tensors]
-        return P2PExchange(self, list(tensors), shift, recv_buffers, tag)
+        return P2PExchange(self, list(tensors), shift, recv_buffers, tag, send, recv)
 
     def barrier(self) -> None:
         if self.size > 1:

@@ -93,9 +93,7 @@ class SequenceLayout:
         try:
             self.kind = LayoutKind(kind)
         except ValueError:
-            raise ValueError(
-                f"unknown layout kind {kind!r}; choose one of {[k.value for k in LayoutKind]}"
-            ) from None
+            raise ValueError(f"unknown layout kind {kind!r}; choose one of {[k.value for k in LayoutKind]}") from None
         if sp_size < 1:
             raise ValueError(f"sp_size must be >= 1, got {sp_size}")
         if not 0 <= sp_rank < sp_size:
@@ -157,9 +155,7 @@ class SequenceLayout:
         """This rank's tokens of the full-sequence tensor ``x`` (sequence along ``dim``)."""
         dim = dim % x.dim()
         if x.shape[dim] != self.seq_len:
-            raise ValueError(
-                f"shard expects {self.seq_len} tokens along dim {dim}, got shape {tuple(x.shape)}"
-            )
+            raise ValueError(f"shard expects {self.seq_len} tokens along dim {dim}, got shape {tuple(x.shape)}")
         return torch.cat([x.narrow(dim, c.start, c.size) for c in self.local_chunks()], dim=dim)
 
     def unshard(self, shards: Sequence[torch.Tensor], dim: int = 1) -> torch.Tensor:

@@ -149,9 +149,7 @@ class DistributedWorld:
             p.start()
         self._collect(-1, self.timeout, "process group initialisation")
 
-    def run(
-        self, fn: Callable[..., Any], *args: Any, timeout: float | None = None, **kwargs: Any
-    ) -> list[Any]:
+    def run(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None, **kwargs: Any) -> list[Any]:
         """Run ``fn(*args, **kwargs)`` on every rank; return the per-rank results in rank order."""
         self.start()
         job_id = self._next_job
@@ -198,9 +196,7 @@ class DistributedWorld:
             if len(results) + len(errors) < self.world_size:
                 self.close()
             first = min(errors)
-            raise RemoteError(
-                f"{name} failed on rank(s) {sorted(errors)}; rank {first} traceback:\n{errors[first]}"
-            )
+            raise RemoteError(f"{name} failed on rank(s) {sorted(errors)}; rank {first} traceback:\n{errors[first]}")
         return [results[r] for r in range(self.world_size)]
 
     def close(self) -> None:

@@ -21,9 +21,7 @@ def _backend() -> tuple[Callable[[str], None], Callable[[], None]] | None:
     try:
         import nvtx  # type: ignore[import-not-found]
 
-        return (lambda name: nvtx.push_range(name, domain="distseq")), (
-            lambda: nvtx.pop_range(domain="distseq")
-        )
+        return (lambda name: nvtx.push_range(name, domain="distseq")), (lambda: nvtx.pop_range(domain="distseq"))
     except ImportError:
         pass
     if torch.cuda.is_available():

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from distseq.kernels.attention import attention_delta
 from distseq.parallel.comm import Communicator
 from distseq.parallel.layout import SequenceLayout
 from distseq.parallel.sequence._blocks import (
@@ -26,7 +27,6 @@ from distseq.parallel.sequence._blocks import (
     new_accumulators,
     rank_spans,
 )
-from distseq.kernels.attention import attention_delta
 from distseq.parallel.sequence.base import SequenceStrategy
 
 __all__ = ["RingAttention", "ring_attention_backward", "ring_attention_forward"]
