@@ -98,9 +98,7 @@ def job_async_and_p2p() -> None:
     got_back = backward.wait()
     got_fwd = forward.wait()
     src, dst = (r - 1) % p, (r + 1) % p
-    assert torch.equal(got_fwd[0], _data(src, (6, 4))) and torch.equal(
-        got_fwd[1], _data(src, (3,), torch.float32, 1)
-    )
+    assert torch.equal(got_fwd[0], _data(src, (6, 4))) and torch.equal(got_fwd[1], _data(src, (3,), torch.float32, 1))
     assert torch.equal(got_back[0], _data(dst, (3,), torch.float32, 1) * 2)
     assert torch.equal(got_back[1], _data(dst, (6, 4)) * 3)
     s = comm.stats["send_recv"]

@@ -79,6 +79,20 @@ class SequenceStrategy:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(comm={self.comm!r}, layout={self.layout!r})"
 
+    def communicators(self) -> list[Communicator]:
+        """The communicators this strategy moves bytes through; their ``stats`` add up to its traffic."""
+        return [self.comm]
+
+    def bytes_sent(self) -> int:
+        return sum(c.stats.bytes_sent for c in self.communicators())
+
+    def bytes_received(self) -> int:
+        return sum(c.stats.bytes_received for c in self.communicators())
+
+    def reset_stats(self) -> None:
+        for c in self.communicators():
+            c.stats.reset()
+
     def attention(
         self,
         q: torch.Tensor,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
 from distseq.parallel.comm import Communicator
@@ -30,4 +31,10 @@ def make_strategy(name: str, comm: Communicator, layout: SequenceLayout, **optio
         raise ValueError(f"unknown sequence-parallel strategy {name!r}; choose one of {sorted(STRATEGIES)}")
     module, cls = STRATEGIES[name].split(":")
     strategy_cls = getattr(importlib.import_module(module), cls)
+    accepted = [
+        p.name for p in inspect.signature(strategy_cls.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY
+    ]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for strategy {name!r}; it accepts {accepted}")
     return strategy_cls(comm, layout, **options)

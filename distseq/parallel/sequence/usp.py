@@ -66,6 +66,9 @@ class USPAttention(SequenceStrategy):
         # Collective: every SP rank builds the same strategy, so every rank creates the sub-groups.
         self.inner, self.outer = comm.split_grid(ulysses_degree)
 
+    def communicators(self) -> list[Communicator]:
+        return [self.inner, self.outer]
+
     def attention(
         self,
         q: torch.Tensor,
