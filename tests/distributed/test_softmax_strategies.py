@@ -49,7 +49,7 @@ def _options(name, sp):
     return {"ulysses_degree": 2 if sp >= 2 else 1} if name == "usp" else {}
 
 
-def job_parity(name, dtype_name, cases):
+def job_parity(name, dtype_name, cases, block_size=None):
     dtype = getattr(torch, dtype_name)
     comm = Communicator()
     p, r = comm.size, comm.rank
@@ -61,6 +61,8 @@ def job_parity(name, dtype_name, cases):
         ref = _reference(q, k, v, dout, causal, cu)
         layout = SequenceLayout(kind, seq_len, p, r, cu)
         strategy = make_strategy(name, comm, layout, **_options(name, p))
+        if block_size is not None:
+            strategy.block_size = block_size
         ql, kl, vl = (layout.shard(t, 1).detach().requires_grad_() for t in (q, k, v))
         out = strategy.attention(ql, kl, vl, causal=causal)
         out.backward(layout.shard(dout, 1))
@@ -88,3 +90,10 @@ def test_parity(worlds, world_size, name, dtype_name):
 def test_parity_bf16(worlds, name):
     cases = [("zigzag", (4, 2), True, True), ("contiguous", (4, 4), False, False)]
     worlds(4).run(job_parity, name, "bfloat16", cases)
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_parity_with_tiled_chunks(worlds, name):
+    """Chunks cut into 3-token tiles (not dividing the chunk) give the same result."""
+    cases = [("zigzag", (4, 2), True, True), ("contiguous", (4, 1), True, False), ("zigzag", (4, 4), False, False)]
+    worlds(4).run(job_parity, name, "float64", cases, block_size=3)

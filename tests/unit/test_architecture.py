@@ -83,9 +83,7 @@ def test_layering(path):
         if parts[0] == "distseq" and len(parts) > 1 and parts[1] in LAYER:
             assert LAYER[parts[1]] <= own, f"{package} (layer {own}) must not import {name}"
         if parts[0] == "megatron":
-            assert package == "integrations", (
-                f"only distseq.integrations.megatron may import megatron ({name})"
-            )
+            assert package == "integrations", f"only distseq.integrations.megatron may import megatron ({name})"
     if package == "kernels":
         assert not any(n.startswith("torch.distributed") for n in everything), "kernels are local math only"
     if package == "config":

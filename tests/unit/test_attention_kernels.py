@@ -126,9 +126,7 @@ def test_softmax_scale_and_low_precision_accumulate_in_fp32():
 @pytest.mark.parametrize("split", ["halves", "pieces"])
 @SEQ_LEN
 @DTYPE
-def test_merge_of_kv_blocks_equals_full_attention(
-    heads, kv_heads, causal, docs, positions, split, seq_len, dtype
-):
+def test_merge_of_kv_blocks_equals_full_attention(heads, kv_heads, causal, docs, positions, split, seq_len, dtype):
     pos = make_positions(positions, seq_len)
     doc = doc_ids(pos) if docs else None
     q, k, v, dout, dlse = make_inputs(seq_len, heads, kv_heads, dtype)
@@ -247,9 +245,7 @@ def test_zigzag_ring_schedule_skips_empty_blocks(heads, kv_heads, docs, sp_rank)
         for k_index, k_pos in enumerate(chunks):
             if kinds[q_index, k_index] is BlockKind.EMPTY:
                 continue
-            block_out, block_lse = block_attention(
-                q[:, q_pos], k[:, k_pos], v[:, k_pos], **block_args(q_pos, k_pos)
-            )
+            block_out, block_lse = block_attention(q[:, q_pos], k[:, k_pos], v[:, k_pos], **block_args(q_pos, k_pos))
             acc_out, acc_lse = merge_attention_(acc_out, acc_lse, block_out, block_lse)
         outs.append(acc_out)
         lses.append(acc_lse)
@@ -257,9 +253,7 @@ def test_zigzag_ring_schedule_skips_empty_blocks(heads, kv_heads, docs, sp_rank)
     local_pos = torch.cat(local_chunks)
     q, k, v = q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
     ref_out, ref_lse = reference_attention(q, k, v, allowed_mask(all_pos, all_pos, True, all_doc, all_doc))
-    ref_dq, ref_dk, ref_dv = torch.autograd.grad(
-        (ref_out[:, local_pos] * dout[:, local_pos]).sum(), (q, k, v)
-    )
+    ref_dq, ref_dk, ref_dv = torch.autograd.grad((ref_out[:, local_pos] * dout[:, local_pos]).sum(), (q, k, v))
     check("out", torch.cat(outs, dim=1), ref_out[:, local_pos], dtype)
     check("lse", torch.cat(lses, dim=2), ref_lse[:, :, local_pos], dtype)
 
@@ -431,9 +425,7 @@ def test_fully_masked_rows_are_zero_with_finite_grads(heads, kv_heads):
 
     finite_lse = torch.where(torch.isfinite(lse), lse, 0.0)
     grads = torch.autograd.grad((out * dout).sum() + (finite_lse * dlse).sum(), (q, k, v))
-    ref_grads = torch.autograd.grad(
-        (ref_out * dout[:, alive]).sum() + (ref_lse * dlse[:, :, alive]).sum(), (q, k, v)
-    )
+    ref_grads = torch.autograd.grad((ref_out * dout[:, alive]).sum() + (ref_lse * dlse[:, :, alive]).sum(), (q, k, v))
     for name, grad, ref_grad in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
         assert torch.isfinite(grad).all(), name
         check(name, grad, ref_grad, dtype)
@@ -477,9 +469,7 @@ def test_empty_block_and_empty_merge_are_nan_free():
     check("out", merged_out[:, 3:], out_b[:, 3:], dtype)
     check("lse", merged_lse[:, :, 3:], lse_b[:, :, 3:], dtype)
     finite_lse = torch.where(torch.isfinite(merged_lse), merged_lse, 0.0)
-    grads = torch.autograd.grad(
-        (merged_out * dout).sum() + (finite_lse * dlse).sum(), (out_a, lse_a, out_b, lse_b)
-    )
+    grads = torch.autograd.grad((merged_out * dout).sum() + (finite_lse * dlse).sum(), (out_a, lse_a, out_b, lse_b))
     for grad in grads:
         assert torch.isfinite(grad).all()
 

@@ -37,8 +37,6 @@ def test_check_on_spawned_ranks(capsys):
 
 def test_check_under_torchrun():
     torchrun = Path(sys.executable).with_name("torchrun")
-    out = _run(
-        str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "distseq", "check", "--numel", "2048"
-    )
+    out = _run(str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "distseq", "check", "--numel", "2048")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "2 rank(s): all checks passed" in out.stdout

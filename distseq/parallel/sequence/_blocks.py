@@ -37,17 +37,23 @@ class AttentionSpec:
     causal: bool
     scale: float
     doc_ids: torch.Tensor | None  # [seq_len] global document id per position, or None
+    # Chunks longer than this are cut into tiles so a block never materialises more than
+    # block_size x block_size scores per head (the reference kernel is not flash-style).
+    block_size: int = 2048
 
 
 def rank_spans(spec: AttentionSpec, sp_ranks: Sequence[int], device: torch.device | None = None) -> list[Span]:
-    """Spans of the tokens of ``sp_ranks`` concatenated in that order (each rank in its local order)."""
+    """Spans of the tokens of ``sp_ranks`` concatenated in that order (each rank in its local order), each
+    chunk cut into tiles of at most ``spec.block_size`` tokens."""
     spans = []
     layout = spec.layout
     for i, r in enumerate(sp_ranks):
         for c in layout.for_rank(r).local_chunks():
-            offset = i * layout.local_len + c.local_start
-            doc = None if spec.doc_ids is None else spec.doc_ids[c.start : c.end].to(device)
-            spans.append(Span(slice(offset, offset + c.size), torch.arange(c.start, c.end, device=device), doc))
+            for start in range(c.start, c.end, spec.block_size):
+                end = min(start + spec.block_size, c.end)
+                offset = i * layout.local_len + c.local_start + (start - c.start)
+                doc = None if spec.doc_ids is None else spec.doc_ids[start:end].to(device)
+                spans.append(Span(slice(offset, offset + end - start), torch.arange(start, end, device=device), doc))
     return spans
 
 

@@ -66,6 +66,8 @@ class SequenceStrategy:
     """
 
     name: str = ""
+    #: Longest run of tokens attended as one block; longer chunks are tiled (bounds the score memory).
+    block_size: int = 2048
 
     def __init__(self, comm: Communicator, layout: SequenceLayout):
         if comm.size != layout.sp_size or comm.rank != layout.sp_rank:
@@ -129,4 +131,4 @@ class SequenceStrategy:
         if cu is not None:
             doc_ids = torch.repeat_interleave(torch.arange(cu.numel() - 1), cu[1:] - cu[:-1])
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-        return AttentionSpec(self.layout, bool(causal), scale, doc_ids)
+        return AttentionSpec(self.layout, bool(causal), scale, doc_ids, self.block_size)
