@@ -7,8 +7,9 @@ Every strategy runs on the same inputs in one spawned world, one after another, 
 as ratios even on a noisy shared machine. Reported per (strategy, N): the median over repeats of the
 slowest rank's fwd+bwd wall time, and the exact bytes each rank sent (forward and backward) from
 ``Communicator.stats``. When DeepSpeed is installed its ``DistributedAttention`` (Ulysses) runs on the same
-inputs with the same local attention kernel as a peer, on the contiguous layout it supports, and the
-table shows distseq-ulysses / DeepSpeed time. Writes JSON and a PNG plot to ``benchmarks/results/``.
+inputs as a peer, on the contiguous layout it supports, with distseq's own single-rank attention (tiled,
+hand-written backward) as its local attention, so the two differ only in the sequence-parallel layer; the
+table shows distseq-ulysses (contiguous) / DeepSpeed time. Writes JSON and a PNG plot to ``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -70,13 +71,13 @@ def _deepspeed_attention(comm: Communicator):
         from deepspeed.sequence.layer import DistributedAttention
     except ImportError:
         return None
-    from distseq.kernels.attention import block_attention
-
     deepspeed.init_distributed(dist_backend="gloo")
 
-    def local_attention(q, k, v, *args, **kwargs):  # [B, N, H/P, D], the same kernel distseq uses
-        out, _ = block_attention(q, k, v, causal=True)
-        return out.to(q.dtype)
+    def local_attention(q, k, v, *args, **kwargs):
+        # [B, N, H/P, D] on one rank: distseq's own tiled attention with its hand-written backward (a
+        # single-rank ring), so DeepSpeed and distseq-ulysses differ only in their sequence-parallel layer.
+        layout = SequenceLayout("contiguous", q.shape[1], 1, 0)
+        return make_strategy("ring", Communicator.solo(), layout).attention(q, k, v, causal=True)
 
     attention = DistributedAttention(local_attention, comm.group, scatter_idx=2, gather_idx=1)
     return lambda q, k, v: attention(q, k, v, 0)
@@ -134,7 +135,8 @@ def summarise(per_rank: list[list[dict]]) -> list[dict]:
     for entry in summary:
         if entry["strategy"] == "deepspeed_ulysses":
             ours = next(
-                e for e in summary
+                e
+                for e in summary
                 if e["strategy"] == "ulysses" and e["layout"] == "contiguous" and e["seq_len"] == entry["seq_len"]
             )
             ours["time_ratio_vs_deepspeed"] = ours["fwd_bwd_median_s"] / entry["fwd_bwd_median_s"]
@@ -149,13 +151,17 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
 
     fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(12, 4.5))
     labels = sorted({(e["strategy"], e["layout"]) for e in summary})
-    for strategy, layout in labels:
-        pts = sorted((e["seq_len"], e) for e in summary if (e["strategy"], e["layout"]) == (strategy, layout))
+    for i, (strategy, layout) in enumerate(labels):
+        style = {"marker": "o", "color": f"C{i}", "label": f"{strategy} ({layout})"}
+        pts = sorted(
+            ((e["seq_len"], e) for e in summary if (e["strategy"], e["layout"]) == (strategy, layout)),
+            key=lambda pt: pt[0],
+        )
         xs = [n for n, _ in pts]
-        ax_t.plot(xs, [e["fwd_bwd_median_s"] for _, e in pts], marker="o", label=f"{strategy} ({layout})")
+        ax_t.plot(xs, [e["fwd_bwd_median_s"] for _, e in pts], **style)
         if "fwd_bytes_sent_per_rank" in pts[0][1]:
             total = [max(e["fwd_bytes_sent_per_rank"]) + max(e["bwd_bytes_sent_per_rank"]) for _, e in pts]
-            ax_b.plot(xs, [b / 2**20 for b in total], marker="o", label=f"{strategy} ({layout})")
+            ax_b.plot(xs, [b / 2**20 for b in total], **style)
     for ax, ylabel in ((ax_t, "fwd+bwd seconds (median, slowest rank)"), (ax_b, "MiB sent per rank (fwd+bwd, max)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -163,6 +169,7 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
     ax_t.legend(fontsize=8)
+    ax_b.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -198,12 +205,14 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{'strategy':<18}{'layout':<12}{'N':>7}{'fwd+bwd s':>11}{'fwd MiB':>9}{'bwd MiB':>9}{'vs DS':>7}")
     for e in summary:
-        fwd = max(e.get("fwd_bytes_sent_per_rank", [0])) / 2**20
-        bwd = max(e.get("bwd_bytes_sent_per_rank", [0])) / 2**20
+        # DeepSpeed's traffic does not pass through a distseq Communicator: its bytes are not measured.
+        mib = [
+            f"{max(e[key]) / 2**20:>9.2f}" if key in e else f"{'n/a':>9}"
+            for key in ("fwd_bytes_sent_per_rank", "bwd_bytes_sent_per_rank")
+        ]
         ratio = f"{e['time_ratio_vs_deepspeed']:.2f}" if "time_ratio_vs_deepspeed" in e else ""
         print(
-            f"{e['strategy']:<18}{e['layout']:<12}{e['seq_len']:>7}{e['fwd_bwd_median_s']:>11.3f}"
-            f"{fwd:>9.2f}{bwd:>9.2f}{ratio:>7}"
+            f"{e['strategy']:<18}{e['layout']:<12}{e['seq_len']:>7}{e['fwd_bwd_median_s']:>11.3f}{''.join(mib)}{ratio:>7}"
         )
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0

@@ -209,6 +209,14 @@ class Communicator:
         self.size = dist.get_world_size(self.group)
         self.ranks = list(dist.get_process_group_ranks(self.group))
 
+    @classmethod
+    def solo(cls, name: str = "solo") -> Communicator:
+        """A single-rank communicator whose collectives are local no-ops, even inside a distributed job."""
+        comm = cls.__new__(cls)
+        comm.name, comm.stats, comm.group = name, CommStats(), None
+        comm.rank, comm.size, comm.ranks = 0, 1, [0]
+        return comm
+
     def __repr__(self) -> str:
         return f"Communicator(name={self.name!r}, rank={self.rank}, size={self.size}, ranks={self.ranks})"
 

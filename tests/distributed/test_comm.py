@@ -116,6 +116,17 @@ def job_async_and_p2p() -> None:
         got = comm.send_recv(x, shift=shift).commit().wait()[0]
         assert torch.equal(got, _data((r - shift) % p, (6, 4)))
 
+    # One-sided exchanges: even ranks send to rank + 1, odd ranks only receive (both ends agree).
+    if p > 1:
+        comm.stats.reset()
+        sends, recvs = r % 2 == 0 and r + 1 < p, r % 2 == 1
+        got = comm.send_recv(x, shift=1, send=sends, recv=recvs).commit().wait()
+        assert len(got) == int(recvs)
+        if recvs:
+            assert torch.equal(got[0], _data(r - 1, (6, 4)))
+        s = comm.stats["send_recv"]
+        assert (s.bytes_sent, s.bytes_received) == (_nbytes(x) * sends, _nbytes(x) * recvs)
+
 
 def job_autograd() -> None:
     """The wrappers' backward equals the transpose collective: compare against a single-process reference."""
@@ -239,3 +250,16 @@ def test_solo_communicator_without_process_group():
     assert comm.stats.calls == 3 and comm.stats.bytes_sent == 0
     comm.stats.reset()
     assert comm.stats.as_dict() == {}
+    with pytest.raises(ValueError, match="one-sided send_recv needs a peer other than self"):
+        comm.send_recv(x, 1, recv=False)
+
+
+def job_solo_inside_world() -> None:
+    solo = Communicator.solo()
+    assert (solo.rank, solo.size, solo.group) == (0, 1, None) and Communicator().size == dist.get_world_size()
+    x = torch.arange(6.0).reshape(2, 3)
+    assert torch.equal(solo.all_reduce(x), x) and solo.stats.bytes_sent == 0
+
+
+def test_solo_communicator_inside_a_world(worlds):
+    worlds(2).run(job_solo_inside_world)
