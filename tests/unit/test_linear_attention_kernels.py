@@ -44,7 +44,7 @@ def _run(fn, q, k, v, decay, gate, initial, **kwargs):
     ((out * w_out).sum() + (final * w_state).sum()).backward()
     grads = {
         name: t.grad
-        for name, t in zip("q k v decay gate initial".split(), (q, k, v, decay, gate, initial))
+        for name, t in zip("q k v decay gate initial".split(), (q, k, v, decay, gate, initial), strict=True)
         if t is not None
     }
     return out.detach(), final.detach(), grads
@@ -84,7 +84,9 @@ def test_chunk_matches_naive_fp64(mode, chunk_size, state):
     torch.testing.assert_close(final, ref_state, rtol=1e-10, atol=1e-10)
     assert grads.keys() == ref_grads.keys()
     for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-10, atol=1e-10, msg=lambda m: f"d{name}: {m}")
+        torch.testing.assert_close(
+            grads[name], ref_grads[name], rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"d{name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("mode", MODES)
