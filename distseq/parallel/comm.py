@@ -357,6 +357,36 @@ class Communicator:
             tensors = [tensors]
         return P2PExchange(self, list(tensors), shift, recv_buffers, tag, send, recv)
 
+    def send(self, tensors: torch.Tensor | Sequence[torch.Tensor], dst: int) -> None:
+        """Blocking send to group rank ``dst`` (for serial schedules such as LASP-1's state chain)."""
+        tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+        self._check_peer(dst)
+        self.stats.record("send", sum(_nbytes(t) for t in tensors), 0)
+        with nvtx_range(f"distseq.send[{self.name}]"):
+            for t in tensors:
+                self._p2p_wait(dist.isend(t.contiguous(), self.ranks[dst], self.group), f"send(dst={dst})")
+
+    def recv(self, like: torch.Tensor | Sequence[torch.Tensor], src: int) -> list[torch.Tensor]:
+        """Blocking receive from group rank ``src`` of tensors shaped like ``like``."""
+        like = [like] if isinstance(like, torch.Tensor) else list(like)
+        self._check_peer(src)
+        out = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in like]
+        self.stats.record("recv", 0, sum(_nbytes(t) for t in out))
+        with nvtx_range(f"distseq.recv[{self.name}]"):
+            for t in out:
+                self._p2p_wait(dist.irecv(t, self.ranks[src], self.group), f"recv(src={src})")
+        return out
+
+    def _check_peer(self, peer: int) -> None:
+        if not 0 <= peer < self.size or peer == self.rank:
+            raise ValueError(f"peer must be another rank of group {self.name!r} (size {self.size}), got {peer}")
+
+    def _p2p_wait(self, work: dist.Work, call: str) -> None:
+        try:
+            work.wait()
+        except Exception as err:
+            raise CommunicationError(f"{self._describe(call)} failed: {err}") from err
+
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier(group=self.group)

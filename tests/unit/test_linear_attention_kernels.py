@@ -11,7 +11,11 @@ import itertools
 import pytest
 import torch
 
-from distseq.kernels.linear_attention import chunk_linear_attention, naive_recurrent_linear_attention
+from distseq.kernels.linear_attention import (
+    chunk_linear_attention,
+    linear_attention_state,
+    naive_recurrent_linear_attention,
+)
 
 MODES = ["none", "decay", "gate", "both"]
 
@@ -225,3 +229,28 @@ def test_input_errors(fn):
     if fn is chunk_linear_attention:
         with pytest.raises(ValueError, match=r"chunk_size must be >= 1, got 0"):
             fn(q, k, v, chunk_size=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("documents", [False, True])
+def test_state_composes_with_the_state_before(mode, documents):
+    """exp(log_carry) * S_before + state == the final state of the recurrence started from S_before,
+    values and gradients (the identity LASP-2 relies on)."""
+    q, k, v, decay, gate, initial = _inputs(mode, seq_len=29, state=True, seed=5)
+    cu = torch.tensor([0, 4, 17, 29]) if documents else None
+    k, v, decay, gate = _leaves(k, v, decay, gate)
+    state, log_carry = linear_attention_state(k, v, decay=decay, gate=gate, cu_seqlens=cu)
+    if documents:
+        assert torch.isneginf(log_carry).all()
+    composed = torch.exp(log_carry)[..., None, None] * initial + state
+    _, final = naive_recurrent_linear_attention(
+        q, k, v, decay=decay, gate=gate, initial_state=initial, output_final_state=True, cu_seqlens=cu
+    )
+    torch.testing.assert_close(composed, final, rtol=1e-10, atol=1e-10)
+    w = torch.randn(final.shape, generator=torch.Generator().manual_seed(9), dtype=final.dtype)
+    leaves = [t for t in (k, v, decay, gate) if t is not None]
+    got = torch.autograd.grad((composed * w).sum(), leaves)
+    want = torch.autograd.grad((final * w).sum(), leaves)
+    for a, b in zip(got, want, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -3,7 +3,13 @@
 ``naive.py`` is the token-by-token reference; ``chunk.py`` the chunked PyTorch path used everywhere.
 """
 
-from distseq.kernels.linear_attention.chunk import chunk_linear_attention
+from distseq.kernels.linear_attention._gates import check_inputs as check_linear_attention_inputs
+from distseq.kernels.linear_attention.chunk import chunk_linear_attention, linear_attention_state
 from distseq.kernels.linear_attention.naive import naive_recurrent_linear_attention
 
-__all__ = ["chunk_linear_attention", "naive_recurrent_linear_attention"]
+__all__ = [
+    "check_linear_attention_inputs",
+    "chunk_linear_attention",
+    "linear_attention_state",
+    "naive_recurrent_linear_attention",
+]

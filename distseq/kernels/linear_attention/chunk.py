@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from distseq.kernels.linear_attention._gates import accumulation_dtype, check_inputs, resolve_gates
 
-__all__ = ["chunk_linear_attention"]
+__all__ = ["chunk_linear_attention", "linear_attention_state"]
 
 
 def _to_chunks(x: torch.Tensor, chunk: int, pad: int) -> torch.Tensor:
@@ -100,3 +100,36 @@ def chunk_linear_attention(
     out = out + (qc * from_start[..., None]) @ incoming
     out = out.movedim(1, 3).reshape(batch, num_chunks * chunk, heads, value_dim)[:, :seq_len]
     return out.to(q.dtype), (state if output_final_state else None)
+
+
+def linear_attention_state(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    decay: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The state a block of tokens adds, and the log-decay it applies to the state before it.
+
+    ``state = sum_s exp(g(s, T-1]) k_s v_s^T`` (terms across a reset dropped) and ``log_carry = sum_t g_t``
+    (``-inf`` when the block contains a reset), so that the state after the block is
+    ``exp(log_carry) * S_before + state``. Used by LASP-2 for each chunk of the sequence.
+
+    Args:
+        k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; decay, gate, cu_seqlens: as in :func:`chunk_linear_attention`.
+
+    Returns:
+        ``state`` ``[B, H, K, V]`` and ``log_carry`` ``[B, H]``, fp32 (fp64 for fp64 inputs).
+    """
+    check_inputs(k, k, v, decay, gate, None, cu_seqlens)
+    dtype = accumulation_dtype(k.dtype)
+    cu = None if cu_seqlens is None else torch.as_tensor(cu_seqlens).to(torch.int64).cpu()
+    g, reset = resolve_gates(k, decay, gate, cu, dtype)  # [B, T, H]
+    # Suffix sums computed from the end keep the exponents of the surviving (recent) tokens accurate.
+    after = g.flip(1).cumsum(1).flip(1) - g  # g(s, T-1]
+    resets_after = reset.flip(1).to(torch.int32).cumsum(1).flip(1) - reset.to(torch.int32)
+    weight = torch.exp(torch.where(resets_after == 0, after, float("-inf")))  # [B, T, H]
+    state = torch.einsum("bthk,bthv->bhkv", k.to(dtype) * weight[..., None], v.to(dtype))
+    log_carry = torch.where(reset.any(1), float("-inf"), g.sum(1))  # [B, H]
+    return state, log_carry

@@ -10,7 +10,7 @@ from distseq.parallel.comm import Communicator
 from distseq.parallel.layout import SequenceLayout
 from distseq.parallel.sequence.base import SequenceStrategy
 
-__all__ = ["STRATEGIES", "make_strategy"]
+__all__ = ["LINEAR_STRATEGIES", "SOFTMAX_STRATEGIES", "STRATEGIES", "make_strategy"]
 
 # name -> "module:Class"; modules are imported on first use.
 STRATEGIES: dict[str, str] = {
@@ -19,7 +19,11 @@ STRATEGIES: dict[str, str] = {
     "allgather_kv": "distseq.parallel.sequence.allgather_kv:AllGatherKVAttention",
     "token_ring": "distseq.parallel.sequence.token_ring:TokenRingAttention",
     "usp": "distseq.parallel.sequence.usp:USPAttention",
+    "lasp2": "distseq.parallel.sequence.lasp2:LASP2",
+    "lasp1": "distseq.parallel.sequence.lasp1:LASP1",
 }
+SOFTMAX_STRATEGIES = ["ring", "ulysses", "allgather_kv", "token_ring", "usp"]
+LINEAR_STRATEGIES = ["lasp2", "lasp1"]
 
 
 def make_strategy(name: str, comm: Communicator, layout: SequenceLayout, **options: Any) -> SequenceStrategy:

@@ -1,0 +1,111 @@
+"""The local parts shared by the linear-attention SP strategies (LASP-2 and the serial LASP-1 baseline).
+
+A rank holds one chunk of the sequence (contiguous layout) or two (zigzag), ``K`` chunks in all. Every
+chunk ``c`` contributes ``M_c`` (the state its tokens add) and ``A_c`` (the log-decay it applies to the state
+before it); the strategies differ only in how the incoming states ``S_c = sum_{j<c} exp(A_{j+1} + ... +
+A_{c-1}) M_j`` reach the chunks' owners. Documents are -inf gates at their first token, so a chunk holding a
+document start has ``A_c = -inf`` and every state before it is dropped, exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from distseq.kernels.linear_attention import (
+    check_linear_attention_inputs,
+    chunk_linear_attention,
+    linear_attention_state,
+)
+from distseq.parallel.layout import Chunk, SequenceLayout, _validate_cu_seqlens
+
+__all__ = ["LinearCall", "chunk_outputs", "chunk_states", "prepare", "scan_states"]
+
+
+@dataclass(frozen=True)
+class LinearCall:
+    """One linear-attention call on this rank: its chunks and the combined per-token log-gate."""
+
+    chunks: list[Chunk]
+    log_gate: torch.Tensor | None  # [B, n, H] (decay + gate, -inf at document starts), or None: no decay
+
+
+def prepare(
+    layout: SequenceLayout,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    decay: torch.Tensor | None,
+    gate: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | Sequence[int] | None,
+) -> LinearCall:
+    """Validate (before any collective) and fold decay, gate and document starts into one log-gate."""
+    check_linear_attention_inputs(q, k, v, decay, gate, None, None)
+    if q.shape[1] != layout.local_len:
+        raise ValueError(
+            f"q has {q.shape[1]} local tokens but the {layout.kind.value} layout gives this rank "
+            f"{layout.local_len} (seq_len={layout.seq_len}, sp={layout.sp_size})"
+        )
+    if cu_seqlens is not None:
+        cu = _validate_cu_seqlens(cu_seqlens, layout.seq_len)
+        if layout.cu_seqlens is not None and not torch.equal(cu, layout.cu_seqlens):
+            raise ValueError("cu_seqlens differs from the documents the layout was built with")
+        layout = SequenceLayout(layout.kind, layout.seq_len, layout.sp_size, layout.sp_rank, cu)
+    starts = layout.document_starts(q.device)
+    if decay is None and gate is None and starts is None:
+        return LinearCall(layout.local_chunks(), None)
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    batch, tokens, heads, _ = q.shape
+    log_gate = torch.zeros(batch, tokens, heads, dtype=dtype, device=q.device)
+    if decay is not None:
+        log_gate = log_gate + decay.to(dtype)
+    if gate is not None:
+        log_gate = log_gate + gate.to(dtype)
+    if starts is not None:
+        log_gate = log_gate.masked_fill(starts[None, :, None], float("-inf"))
+    return LinearCall(layout.local_chunks(), log_gate)
+
+
+def _gate_of(call: LinearCall, chunk: Chunk) -> torch.Tensor | None:
+    return None if call.log_gate is None else call.log_gate[:, chunk.local_slice]
+
+
+def chunk_states(call: LinearCall, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``M`` ``[nc, B, H, K, V]`` and ``A`` ``[nc, B, H]`` of this rank's chunks, in local order."""
+    states, carries = zip(
+        *(
+            linear_attention_state(k[:, c.local_slice], v[:, c.local_slice], gate=_gate_of(call, c))
+            for c in call.chunks
+        ),
+        strict=True,
+    )
+    return torch.stack(states), torch.stack(carries)
+
+
+def scan_states(states: torch.Tensor, carries: torch.Tensor) -> torch.Tensor:
+    """Incoming states ``S_c`` ``[K, B, H, K, V]`` of chunks in global order: ``S_0 = 0``,
+    ``S_{c+1} = exp(A_c) S_c + M_c``. ``exp(-inf) = 0`` drops everything before a document start."""
+    incoming = [torch.zeros_like(states[0])]
+    for state, carry in zip(states.unbind(0)[:-1], carries.unbind(0)[:-1], strict=True):
+        incoming.append(torch.exp(carry)[..., None, None] * incoming[-1] + state)
+    return torch.stack(incoming)
+
+
+def chunk_outputs(
+    call: LinearCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, incoming: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    """``o`` ``[B, n, H, V]``: each local chunk attends causally within itself, starting from its incoming state."""
+    outputs = [
+        chunk_linear_attention(
+            q[:, c.local_slice],
+            k[:, c.local_slice],
+            v[:, c.local_slice],
+            gate=_gate_of(call, c),
+            initial_state=incoming[i],
+            chunk_size=chunk_size,
+        )[0]
+        for i, c in enumerate(call.chunks)
+    ]
+    return torch.cat(outputs, dim=1)
