@@ -22,7 +22,7 @@ from distseq.parallel.sequence.registry import LINEAR_STRATEGIES, make_strategy
 MODES = ["none", "decay", "gate", "both"]
 
 
-def _inputs(mode, seq_len, heads=2, key_dim=4, value_dim=3, dtype=torch.float64, seed=0):
+def _inputs(mode, seq_len, heads=4, key_dim=4, value_dim=3, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(2, seq_len, heads, key_dim, generator=g, dtype=torch.float64) * 0.5 for _ in range(2))
     v = torch.randn(2, seq_len, heads, value_dim, generator=g, dtype=torch.float64)
@@ -89,7 +89,7 @@ CASES += [("zigzag", "both", True, 7), ("contiguous", "gate", False, 64)]
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
-@pytest.mark.parametrize("name", LINEAR_STRATEGIES)
+@pytest.mark.parametrize("name", [*LINEAR_STRATEGIES, "ulysses"])
 @pytest.mark.parametrize("dtype_name", ["float64", "float32"])
 def test_parity(worlds, world_size, name, dtype_name):
     worlds(world_size).run(job_parity, name, dtype_name, CASES, timeout=300)

@@ -20,6 +20,7 @@ from distseq.kernels.linear_attention import (
     linear_attention_state,
 )
 from distseq.parallel.layout import Chunk, SequenceLayout, _validate_cu_seqlens
+from distseq.parallel.sequence.base import check_qkv_length
 
 __all__ = ["LinearCall", "chunk_outputs", "chunk_states", "prepare", "scan_states"]
 
@@ -43,11 +44,7 @@ def prepare(
 ) -> LinearCall:
     """Validate (before any collective) and fold decay, gate and document starts into one log-gate."""
     check_linear_attention_inputs(q, k, v, decay, gate, None, None)
-    if q.shape[1] != layout.local_len:
-        raise ValueError(
-            f"q has {q.shape[1]} local tokens but the {layout.kind.value} layout gives this rank "
-            f"{layout.local_len} (seq_len={layout.seq_len}, sp={layout.sp_size})"
-        )
+    check_qkv_length(q, layout)
     if cu_seqlens is not None:
         cu = _validate_cu_seqlens(cu_seqlens, layout.seq_len)
         if layout.cu_seqlens is not None and not torch.equal(cu, layout.cu_seqlens):

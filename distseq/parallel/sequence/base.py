@@ -15,7 +15,7 @@ from distseq.parallel.comm import Communicator
 from distseq.parallel.layout import SequenceLayout, _validate_cu_seqlens
 from distseq.parallel.sequence._blocks import AttentionSpec
 
-__all__ = ["SequenceStrategy", "check_qkv", "replicate_kv_heads"]
+__all__ = ["SequenceStrategy", "check_qkv", "check_qkv_length", "replicate_kv_heads"]
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SequenceLayout) -> None:
@@ -38,6 +38,10 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Sequenc
         raise ValueError(f"query heads must be divisible by kv heads: heads={heads}, kv_heads={kv_heads}")
     if not q.is_floating_point() or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share one floating dtype, got q={q.dtype} k={k.dtype} v={v.dtype}")
+    check_qkv_length(q, layout)
+
+
+def check_qkv_length(q: torch.Tensor, layout: SequenceLayout) -> None:
     if q.shape[1] != layout.local_len:
         raise ValueError(
             f"q has {q.shape[1]} local tokens but the {layout.kind.value} layout gives this rank "

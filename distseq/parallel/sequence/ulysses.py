@@ -16,8 +16,10 @@ from collections.abc import Sequence
 import torch
 
 from distseq.kernels.attention import attention_delta
+from distseq.kernels.linear_attention import check_linear_attention_inputs, chunk_linear_attention
+from distseq.parallel import functional as F
 from distseq.parallel.comm import Communicator
-from distseq.parallel.layout import SequenceLayout
+from distseq.parallel.layout import SequenceLayout, _validate_cu_seqlens
 from distseq.parallel.sequence._blocks import (
     AttentionSpec,
     attend,
@@ -26,7 +28,7 @@ from distseq.parallel.sequence._blocks import (
     new_accumulators,
     rank_spans,
 )
-from distseq.parallel.sequence.base import SequenceStrategy, replicate_kv_heads
+from distseq.parallel.sequence.base import SequenceStrategy, check_qkv_length, replicate_kv_heads
 
 __all__ = ["UlyssesAttention", "check_head_sharding", "heads_to_seq", "seq_to_heads"]
 
@@ -95,8 +97,11 @@ class UlyssesAttention(SequenceStrategy):
 
     name = "ulysses"
 
-    def __init__(self, comm: Communicator, layout: SequenceLayout):
+    def __init__(self, comm: Communicator, layout: SequenceLayout, *, chunk_size: int = 64):
         super().__init__(comm, layout)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.chunk_size = chunk_size  # for linear attention
 
     def attention(
         self,
@@ -114,3 +119,41 @@ class UlyssesAttention(SequenceStrategy):
         spans = rank_spans(spec, range(self.comm.size), q.device)
         plan = block_plan(spec, spans, spans)
         return _UlyssesAttention.apply(q, k, v, spec, self.comm, plan)
+
+    def linear_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        decay: torch.Tensor | None = None,
+        gate: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """Linear attention by head all-to-all: each rank runs the whole sequence, in natural order, on
+        ``heads / P`` heads (the baseline LASP-2 is compared against). Differentiable through autograd.
+
+        Bytes per rank each way: ``(P-1)/P B n (2 h dk + 2 h dv [+ h for a gate]) s``.
+        """
+        check_linear_attention_inputs(q, k, v, decay, gate, None, None)
+        check_qkv_length(q, self.layout)
+        check_head_sharding("ulysses", q.shape[2], self.comm.size, "sp")
+        cu = self.layout.cu_seqlens if cu_seqlens is None else _validate_cu_seqlens(cu_seqlens, self.layout.seq_len)
+        comm, p, r = self.comm, self.comm.size, self.comm.rank
+        order = self.layout.global_order(q.device)  # global position of each gathered token
+        natural = torch.argsort(order)
+
+        def to_heads(x: torch.Tensor) -> torch.Tensor:
+            return F.all_to_all(x, comm, scatter_dim=2, gather_dim=1)[:, natural]
+
+        local_heads = q.shape[2] // p
+        out = chunk_linear_attention(
+            to_heads(q),
+            to_heads(k),
+            to_heads(v),
+            decay=None if decay is None else decay[r * local_heads : (r + 1) * local_heads],
+            gate=None if gate is None else to_heads(gate[..., None])[..., 0],
+            cu_seqlens=cu,
+            chunk_size=self.chunk_size,
+        )[0]
+        return F.all_to_all(out[:, order], comm, scatter_dim=1, gather_dim=2)
