@@ -15,23 +15,17 @@ table shows distseq-ulysses (contiguous) / DeepSpeed time. Writes JSON and a PNG
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+from _common import RESULTS, machine, plot, slowest_median, time_fwd_bwd, write_json
 
 from distseq.parallel.comm import Communicator
 from distseq.parallel.layout import SequenceLayout
 from distseq.parallel.sequence.registry import make_strategy
 from distseq.testing import DistributedWorld
 
-RESULTS = Path(__file__).resolve().parent / "results"
 STRATEGIES = [
     ("ring", "zigzag", {}),
     ("allgather_kv", "zigzag", {}),
@@ -48,21 +42,6 @@ def _inputs(layout: SequenceLayout, batch: int, heads: int, kv_heads: int, dim: 
         torch.randn(batch, layout.seq_len, h, dim, generator=g).to(dtype) for h in (heads, kv_heads, kv_heads, heads)
     ]
     return [layout.shard(t, 1) for t in full]
-
-
-def _time_fwd_bwd(fn, q, k, v, dout, repeats: int) -> list[float]:
-    times = []
-    for i in range(repeats + 1):  # the first run warms up
-        ql, kl, vl = (t.detach().requires_grad_() for t in (q, k, v))
-        dist.barrier()
-        start = time.perf_counter()
-        out = fn(ql, kl, vl)
-        out.backward(dout)
-        elapsed = time.perf_counter() - start
-        dist.barrier()
-        if i:
-            times.append(elapsed)
-    return times
 
 
 def _deepspeed_attention(comm: Communicator):
@@ -100,7 +79,7 @@ def job(seq_lens, batch, heads, kv_heads, dim, dtype_name, repeats):
             else:
                 strategy = make_strategy(name, comm, layout, **options)
                 fn, stats = (lambda s: lambda q, k, v: s.attention(q, k, v, causal=True))(strategy), strategy
-            times = _time_fwd_bwd(fn, q, k, v, dout, repeats)
+            times = time_fwd_bwd(fn, [q, k, v], dout, repeats)
             row = {"strategy": name, "layout": kind, "seq_len": seq_len, "rank": r, "times_s": times}
             if stats is not None:
                 # One more fwd and bwd, measured separately, for the exact byte counts.
@@ -119,13 +98,12 @@ def summarise(per_rank: list[list[dict]]) -> list[dict]:
     summary = []
     for i, row in enumerate(per_rank[0]):
         ranks = [rows[i] for rows in per_rank]
-        # A step is as slow as its slowest rank: take the max over ranks per repeat, then the median.
-        slowest = [max(rk["times_s"][j] for rk in ranks) for j in range(len(row["times_s"]))]
+        median, slowest = slowest_median(ranks)
         entry = {
             "strategy": row["strategy"],
             "layout": row["layout"],
             "seq_len": row["seq_len"],
-            "fwd_bwd_median_s": statistics.median(slowest),
+            "fwd_bwd_median_s": median,
             "fwd_bwd_all_s": slowest,
         }
         if "fwd_bytes_sent" in row:
@@ -141,38 +119,6 @@ def summarise(per_rank: list[list[dict]]) -> list[dict]:
             )
             ours["time_ratio_vs_deepspeed"] = ours["fwd_bwd_median_s"] / entry["fwd_bwd_median_s"]
     return summary
-
-
-def plot(summary: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    labels = sorted({(e["strategy"], e["layout"]) for e in summary})
-    for i, (strategy, layout) in enumerate(labels):
-        style = {"marker": "o", "color": f"C{i}", "label": f"{strategy} ({layout})"}
-        pts = sorted(
-            ((e["seq_len"], e) for e in summary if (e["strategy"], e["layout"]) == (strategy, layout)),
-            key=lambda pt: pt[0],
-        )
-        xs = [n for n, _ in pts]
-        ax_t.plot(xs, [e["fwd_bwd_median_s"] for _, e in pts], **style)
-        if "fwd_bytes_sent_per_rank" in pts[0][1]:
-            total = [max(e["fwd_bytes_sent_per_rank"]) + max(e["bwd_bytes_sent_per_rank"]) for _, e in pts]
-            ax_b.plot(xs, [b / 2**20 for b in total], **style)
-    for ax, ylabel in ((ax_t, "fwd+bwd seconds (median, slowest rank)"), (ax_b, "MiB sent per rank (fwd+bwd, max)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length N")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-    ax_t.legend(fontsize=8)
-    ax_b.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,15 +139,12 @@ def main(argv: list[str] | None = None) -> int:
             job, args.seq_lens, args.batch, args.heads, args.kv_heads, args.head_dim, args.dtype, args.repeats
         )
     summary = summarise(per_rank)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, gloo"
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine, "config": config, "results": summary}, indent=2) + "\n")
+    write_json(args.out, vars(args), summary)
     title = (
         f"softmax SP strategies, sp={args.nproc}, B={args.batch} H={args.heads} Hkv={args.kv_heads} "
-        f"D={args.head_dim} {args.dtype}, causal; {machine}"
+        f"D={args.head_dim} {args.dtype}, causal; {machine()}"
     )
-    plot(summary, args.out.with_suffix(".png"), title)
+    plot(summary, args.out.with_suffix(".png"), title, lambda e: f"{e['strategy']} ({e['layout']})")
 
     print(f"{'strategy':<18}{'layout':<12}{'N':>7}{'fwd+bwd s':>11}{'fwd MiB':>9}{'bwd MiB':>9}{'vs DS':>7}")
     for e in summary:
