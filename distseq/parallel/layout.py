@@ -118,6 +118,23 @@ class SequenceLayout:
             f"sp_rank={self.sp_rank}{docs})"
         )
 
+    def with_documents(self, cu_seqlens: torch.Tensor | Sequence[int] | None) -> SequenceLayout:
+        """This layout with packed documents ``cu_seqlens`` (global offsets); ``None`` keeps it as it is.
+
+        A layout built with documents only accepts the same documents again.
+        """
+        if cu_seqlens is None:
+            return self
+        cu = _validate_cu_seqlens(cu_seqlens, self.seq_len)
+        if self.cu_seqlens is not None:
+            if not torch.equal(cu, self.cu_seqlens):
+                raise ValueError(
+                    f"cu_seqlens {cu.tolist()} differs from the documents the layout was built with "
+                    f"{self.cu_seqlens.tolist()}"
+                )
+            return self
+        return SequenceLayout(self.kind, self.seq_len, self.sp_size, self.sp_rank, cu)
+
     def for_rank(self, sp_rank: int) -> SequenceLayout:
         """The same layout seen from another rank."""
         return SequenceLayout(self.kind, self.seq_len, self.sp_size, sp_rank, self.cu_seqlens)

@@ -88,8 +88,23 @@ def test_layering(path):
         assert not any(n.startswith("torch.distributed") for n in everything), "kernels are local math only"
     if package == "config":
         assert not any(n.split(".")[0] == "torch" for n in everything), "config must not import torch"
-    lazy = [n for n in _top_level_imports(tree) if n.split(".")[0] in OPTIONAL]
-    assert not lazy, f"optional extras must be imported lazily, found module-level imports {lazy}"
+    top_level = _top_level_imports(tree)
+    if not _is_backend_module(path):
+        lazy = [n for n in top_level if n.split(".")[0] in OPTIONAL]
+        assert not lazy, f"optional extras must be imported lazily, found module-level imports {lazy}"
+    backends = [n for n in top_level if n.startswith("distseq.") and _is_backend_module(_module_path(n))]
+    assert not backends, f"backend modules must be imported lazily (inside a function), found {backends}"
+
+
+def _is_backend_module(path: Path) -> bool:
+    """Modules that exist to wrap one optional extra (triton_*.py, integrations/): they may import it at the
+    top, and nothing else imports them at module level, so `import distseq` never needs the extra."""
+    rel = path.relative_to(ROOT).parts if path.is_relative_to(ROOT) else ()
+    return bool(rel) and (rel[-1].startswith("triton_") or rel[0] == "integrations")
+
+
+def _module_path(name: str) -> Path:
+    return ROOT.parent.joinpath(*name.split(".")).with_suffix(".py")
 
 
 def test_every_module_is_checked():

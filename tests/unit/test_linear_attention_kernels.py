@@ -217,6 +217,8 @@ def test_input_errors(fn):
         (dict(decay=decay.abs() + 0.5), r"decay is a log decay and must be <= 0, got max"),
         (dict(gate=gate[:, :5]), r"gate must be \[B, T, H\]=\(2, 8, 3\), got \(2, 5, 3\)"),
         (dict(gate=gate + 1.0), r"gate is a log gate and must be <= 0"),
+        (dict(gate=gate.masked_fill(gate < -0.5, float("nan"))), r"gate contains NaN"),
+        (dict(decay=decay.masked_fill(decay < 0, float("nan"))), r"decay contains NaN"),
         (dict(initial_state=initial[:, :2]), r"initial_state must be \[B, H, K, V\]=\(2, 3, 4, 5\)"),
         (dict(cu_seqlens=torch.tensor([0, 5])), r"cu_seqlens must start at 0 and end at T=8"),
         (dict(cu_seqlens=torch.tensor([0, 5, 5, 8])), r"cu_seqlens must be strictly increasing"),

@@ -46,11 +46,15 @@ def check_inputs(q, k, v, decay, gate, initial_state, cu_seqlens) -> torch.Tenso
     if decay is not None:
         if decay.shape != (heads,):
             raise ValueError(f"decay must be [H]=({heads},), got {tuple(decay.shape)}")
+        if torch.isnan(decay).any():
+            raise ValueError("decay contains NaN")
         if (decay > 0).any():
             raise ValueError(f"decay is a log decay and must be <= 0, got max {decay.max().item():.4g}")
     if gate is not None:
         if gate.shape != (batch, seq_len, heads):
             raise ValueError(f"gate must be [B, T, H]={(batch, seq_len, heads)}, got {tuple(gate.shape)}")
+        if torch.isnan(gate).any():
+            raise ValueError("gate contains NaN")
         if (gate > 0).any():
             raise ValueError(f"gate is a log gate and must be <= 0, got max {gate.max().item():.4g}")
     if initial_state is not None and initial_state.shape != (batch, heads, key_dim, v.shape[3]):

@@ -18,11 +18,13 @@ from distseq.kernels.linear_attention import (
     check_linear_attention_inputs,
     chunk_linear_attention,
     linear_attention_state,
+    resolve_gates,
 )
-from distseq.parallel.layout import Chunk, SequenceLayout, _validate_cu_seqlens
-from distseq.parallel.sequence.base import check_qkv_length
+from distseq.parallel.comm import Communicator
+from distseq.parallel.layout import Chunk, SequenceLayout
+from distseq.parallel.sequence.base import SequenceStrategy, check_qkv_length
 
-__all__ = ["LinearCall", "chunk_outputs", "chunk_states", "prepare", "scan_states"]
+__all__ = ["LinearCall", "LinearStateStrategy", "chunk_outputs", "chunk_states", "prepare", "scan_states"]
 
 
 @dataclass(frozen=True)
@@ -45,24 +47,15 @@ def prepare(
     """Validate (before any collective) and fold decay, gate and document starts into one log-gate."""
     check_linear_attention_inputs(q, k, v, decay, gate, None, None)
     check_qkv_length(q, layout)
-    if cu_seqlens is not None:
-        cu = _validate_cu_seqlens(cu_seqlens, layout.seq_len)
-        if layout.cu_seqlens is not None and not torch.equal(cu, layout.cu_seqlens):
-            raise ValueError("cu_seqlens differs from the documents the layout was built with")
-        layout = SequenceLayout(layout.kind, layout.seq_len, layout.sp_size, layout.sp_rank, cu)
+    layout = layout.with_documents(cu_seqlens)
     starts = layout.document_starts(q.device)
     if decay is None and gate is None and starts is None:
         return LinearCall(layout.local_chunks(), None)
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    batch, tokens, heads, _ = q.shape
-    log_gate = torch.zeros(batch, tokens, heads, dtype=dtype, device=q.device)
-    if decay is not None:
-        log_gate = log_gate + decay.to(dtype)
-    if gate is not None:
-        log_gate = log_gate + gate.to(dtype)
+    finite, reset = resolve_gates(q, decay, gate, None, dtype)
     if starts is not None:
-        log_gate = log_gate.masked_fill(starts[None, :, None], float("-inf"))
-    return LinearCall(layout.local_chunks(), log_gate)
+        reset = reset | starts[None, :, None]
+    return LinearCall(layout.local_chunks(), finite.masked_fill(reset, float("-inf")))
 
 
 def _gate_of(call: LinearCall, chunk: Chunk) -> torch.Tensor | None:
@@ -106,3 +99,40 @@ def chunk_outputs(
         for i, c in enumerate(call.chunks)
     ]
     return torch.cat(outputs, dim=1)
+
+
+class LinearStateStrategy(SequenceStrategy):
+    """Linear attention as chunk states -> an exchange of states -> local outputs (LASP-2, LASP-1).
+
+    Subclasses give ``_exchange(states, carries)``: the incoming states ``[nc, B, H, K, V]`` of the local
+    chunks from their ``M`` ``[nc, B, H, K, V]`` and ``A`` ``[nc, B, H]``, differentiable.
+    """
+
+    def __init__(self, comm: Communicator, layout: SequenceLayout, *, chunk_size: int = 64):
+        super().__init__(comm, layout)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.chunk_size = chunk_size
+
+    def _exchange(self, states: torch.Tensor, carries: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError  # abstract: each subclass is one exchange schedule
+
+    def linear_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        decay: torch.Tensor | None = None,
+        gate: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """Causal linear attention over the whole sharded sequence (see ``distseq.kernels.linear_attention``).
+
+        q, k: ``[B, n, H, K]``, v: ``[B, n, H, V]``, this rank's tokens in layout order; decay ``[H]`` (log),
+        gate ``[B, n, H]`` (log, -inf resets), cu_seqlens global document offsets. Returns ``[B, n, H, V]``.
+        Input errors raise ValueError before any collective.
+        """
+        call = prepare(self.layout, q, k, v, decay, gate, cu_seqlens)
+        states, carries = chunk_states(call, k, v)
+        return chunk_outputs(call, q, k, v, self._exchange(states, carries), self.chunk_size)

@@ -8,13 +8,10 @@ backward ``(P-1) 2 n dkv s`` (re-gather) ``+ (P-1) 2 n dkv 4`` (fp32 reduce-scat
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from distseq.kernels.attention import attention_delta
 from distseq.parallel.comm import Communicator
-from distseq.parallel.layout import SequenceLayout
 from distseq.parallel.sequence._blocks import (
     AttentionSpec,
     attend,
@@ -70,20 +67,7 @@ class AllGatherKVAttention(SequenceStrategy):
 
     name = "allgather_kv"
 
-    def __init__(self, comm: Communicator, layout: SequenceLayout):
-        super().__init__(comm, layout)
-
-    def attention(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        causal: bool = True,
-        softmax_scale: float | None = None,
-        cu_seqlens: torch.Tensor | Sequence[int] | None = None,
-    ) -> torch.Tensor:
-        spec = self._spec(q, k, v, causal, softmax_scale, cu_seqlens)
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
         plan = block_plan(
             spec, rank_spans(spec, [self.comm.rank], q.device), rank_spans(spec, range(self.comm.size), q.device)
         )

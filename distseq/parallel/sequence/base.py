@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from distseq.parallel.comm import Communicator
-from distseq.parallel.layout import SequenceLayout, _validate_cu_seqlens
+from distseq.parallel.layout import SequenceLayout
 from distseq.parallel.sequence._blocks import AttentionSpec
 
 __all__ = ["SequenceStrategy", "check_qkv", "check_qkv_length", "replicate_kv_heads"]
@@ -109,7 +109,19 @@ class SequenceStrategy:
         softmax_scale: float | None = None,
         cu_seqlens: torch.Tensor | Sequence[int] | None = None,
     ) -> torch.Tensor:
-        raise TypeError(f"strategy {self.name!r} does not implement softmax attention")
+        """Softmax attention of this rank's queries over the whole sharded sequence.
+
+        q: ``[batch, local_tokens, heads, head_dim]``, k and v: ``[batch, local_tokens, kv_heads, head_dim]``
+        in the layout's order; ``softmax_scale`` defaults to ``head_dim ** -0.5``; ``cu_seqlens`` are global
+        document offsets (or come from the layout). Returns q's shape and dtype. Input errors raise
+        ValueError before any collective.
+        """
+        if self._attention is None:
+            raise TypeError(f"strategy {self.name!r} does not implement softmax attention")
+        return self._attention(q, k, v, self._spec(q, k, v, causal, softmax_scale, cu_seqlens))
+
+    #: ``_attention(q, k, v, spec)`` in subclasses that implement softmax attention (inputs validated).
+    _attention = None
 
     def linear_attention(self, q, k, v, *, decay=None, gate=None, cu_seqlens=None) -> torch.Tensor:
         raise TypeError(f"strategy {self.name!r} does not implement linear attention; use 'lasp2'")
@@ -125,12 +137,7 @@ class SequenceStrategy:
     ) -> AttentionSpec:
         """Validate a softmax-attention call and resolve its scale and documents (no collective)."""
         check_qkv(q, k, v, self.layout)
-        if cu_seqlens is None:
-            cu = self.layout.cu_seqlens
-        else:
-            cu = _validate_cu_seqlens(cu_seqlens, self.layout.seq_len)
-            if self.layout.cu_seqlens is not None and not torch.equal(cu, self.layout.cu_seqlens):
-                raise ValueError("cu_seqlens differs from the documents the layout was built with")
+        cu = self.layout.with_documents(cu_seqlens).cu_seqlens
         doc_ids = None
         if cu is not None:
             doc_ids = torch.repeat_interleave(torch.arange(cu.numel() - 1), cu[1:] - cu[:-1])

@@ -12,14 +12,11 @@ direction of the chain (forward then backward); a rank sends at most ``nc`` stat
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from distseq.parallel.comm import Communicator
 from distseq.parallel.layout import SequenceLayout
-from distseq.parallel.sequence._linear import chunk_outputs, chunk_states, prepare
-from distseq.parallel.sequence.base import SequenceStrategy
+from distseq.parallel.sequence._linear import LinearStateStrategy
 
 __all__ = ["LASP1"]
 
@@ -88,28 +85,10 @@ class _LASP1StateChain(torch.autograd.Function):
         return d_states, d_carries, None, None
 
 
-class LASP1(SequenceStrategy):
+class LASP1(LinearStateStrategy):
     """LASP-1: the serial ring state-passing baseline for linear attention."""
 
     name = "lasp1"
 
-    def __init__(self, comm: Communicator, layout: SequenceLayout, *, chunk_size: int = 64):
-        super().__init__(comm, layout)
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        self.chunk_size = chunk_size
-
-    def linear_attention(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        decay: torch.Tensor | None = None,
-        gate: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | Sequence[int] | None = None,
-    ) -> torch.Tensor:
-        call = prepare(self.layout, q, k, v, decay, gate, cu_seqlens)
-        states, carries = chunk_states(call, k, v)
-        incoming = _LASP1StateChain.apply(states, carries, self.comm, self.layout)
-        return chunk_outputs(call, q, k, v, incoming, self.chunk_size)
+    def _exchange(self, states: torch.Tensor, carries: torch.Tensor) -> torch.Tensor:
+        return _LASP1StateChain.apply(states, carries, self.comm, self.layout)

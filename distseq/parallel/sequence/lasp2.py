@@ -18,14 +18,11 @@ contiguous, 2 zigzag), ``a`` bytes per accumulation element (4; 8 for fp64)): fo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from distseq.parallel.comm import Communicator
 from distseq.parallel.layout import SequenceLayout
-from distseq.parallel.sequence._linear import chunk_outputs, chunk_states, prepare, scan_states
-from distseq.parallel.sequence.base import SequenceStrategy
+from distseq.parallel.sequence._linear import LinearStateStrategy, scan_states
 
 __all__ = ["LASP2"]
 
@@ -74,33 +71,10 @@ class _LASP2StateExchange(torch.autograd.Function):
         return d_states[local], d_carries[local], None, None
 
 
-class LASP2(SequenceStrategy):
+class LASP2(LinearStateStrategy):
     """LASP-2 linear-attention sequence parallelism on any layout, with decay, gates and documents."""
 
     name = "lasp2"
 
-    def __init__(self, comm: Communicator, layout: SequenceLayout, *, chunk_size: int = 64):
-        super().__init__(comm, layout)
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        self.chunk_size = chunk_size
-
-    def linear_attention(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        decay: torch.Tensor | None = None,
-        gate: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | Sequence[int] | None = None,
-    ) -> torch.Tensor:
-        """Causal linear attention over the whole sharded sequence; see the kernels for the math.
-
-        q, k: ``[B, n, H, K]``, v: ``[B, n, H, V]``, this rank's tokens in layout order; decay ``[H]`` (log),
-        gate ``[B, n, H]`` (log), cu_seqlens global document offsets. Returns ``[B, n, H, V]``.
-        """
-        call = prepare(self.layout, q, k, v, decay, gate, cu_seqlens)
-        states, carries = chunk_states(call, k, v)
-        incoming = _LASP2StateExchange.apply(states, carries, self.comm, self.layout)
-        return chunk_outputs(call, q, k, v, incoming, self.chunk_size)
+    def _exchange(self, states: torch.Tensor, carries: torch.Tensor) -> torch.Tensor:
+        return _LASP2StateExchange.apply(states, carries, self.comm, self.layout)

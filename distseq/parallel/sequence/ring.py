@@ -11,13 +11,12 @@ forward ``(P-1) 2 n dkv s``; backward ``(P-1) 2 n dkv s`` (K/V) ``+ P 2 n dkv 4`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
 from distseq.kernels.attention import attention_delta
 from distseq.parallel.comm import Communicator
-from distseq.parallel.layout import SequenceLayout
 from distseq.parallel.sequence._blocks import (
     AttentionSpec,
     Span,
@@ -112,20 +111,7 @@ class RingAttention(SequenceStrategy):
 
     name = "ring"
 
-    def __init__(self, comm: Communicator, layout: SequenceLayout):
-        super().__init__(comm, layout)
-
-    def attention(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        causal: bool = True,
-        softmax_scale: float | None = None,
-        cu_seqlens: torch.Tensor | Sequence[int] | None = None,
-    ) -> torch.Tensor:
-        spec = self._spec(q, k, v, causal, softmax_scale, cu_seqlens)
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
         q_spans = rank_spans(spec, [self.comm.rank], q.device)
         plans = ring_plans(spec, self.comm, q_spans, lambda src: rank_spans(spec, [src], q.device))
         return _RingAttention.apply(q, k, v, spec, self.comm, plans)

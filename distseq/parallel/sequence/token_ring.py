@@ -22,14 +22,11 @@ With the zigzag layout or without causality ``m = m' = P-1``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from distseq.kernels.attention import attention_delta
 from distseq.kernels.merge import merge_attention_
 from distseq.parallel.comm import Communicator
-from distseq.parallel.layout import SequenceLayout
 from distseq.parallel.sequence._blocks import (
     AttentionSpec,
     attend,
@@ -144,19 +141,6 @@ class TokenRingAttention(SequenceStrategy):
 
     name = "token_ring"
 
-    def __init__(self, comm: Communicator, layout: SequenceLayout):
-        super().__init__(comm, layout)
-
-    def attention(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        causal: bool = True,
-        softmax_scale: float | None = None,
-        cu_seqlens: torch.Tensor | Sequence[int] | None = None,
-    ) -> torch.Tensor:
-        spec = self._spec(q, k, v, causal, softmax_scale, cu_seqlens)
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
         visiting, returning = token_ring_plans(spec, self.comm, q.device)
         return _TokenRingAttention.apply(q, k, v, spec, self.comm, visiting, returning)

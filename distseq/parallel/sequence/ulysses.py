@@ -19,7 +19,7 @@ from distseq.kernels.attention import attention_delta
 from distseq.kernels.linear_attention import check_linear_attention_inputs, chunk_linear_attention
 from distseq.parallel import functional as F
 from distseq.parallel.comm import Communicator
-from distseq.parallel.layout import SequenceLayout, _validate_cu_seqlens
+from distseq.parallel.layout import SequenceLayout
 from distseq.parallel.sequence._blocks import (
     AttentionSpec,
     attend,
@@ -103,17 +103,7 @@ class UlyssesAttention(SequenceStrategy):
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.chunk_size = chunk_size  # for linear attention
 
-    def attention(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        causal: bool = True,
-        softmax_scale: float | None = None,
-        cu_seqlens: torch.Tensor | Sequence[int] | None = None,
-    ) -> torch.Tensor:
-        spec = self._spec(q, k, v, causal, softmax_scale, cu_seqlens)
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
         check_head_sharding("ulysses", q.shape[2], self.comm.size, "sp")
         k, v = replicate_kv_heads(k, v, q.shape[2], self.comm.size)
         spans = rank_spans(spec, range(self.comm.size), q.device)
@@ -138,7 +128,7 @@ class UlyssesAttention(SequenceStrategy):
         check_linear_attention_inputs(q, k, v, decay, gate, None, None)
         check_qkv_length(q, self.layout)
         check_head_sharding("ulysses", q.shape[2], self.comm.size, "sp")
-        cu = self.layout.cu_seqlens if cu_seqlens is None else _validate_cu_seqlens(cu_seqlens, self.layout.seq_len)
+        cu = self.layout.with_documents(cu_seqlens).cu_seqlens
         comm, p, r = self.comm, self.comm.size, self.comm.rank
         order = self.layout.global_order(q.device)  # global position of each gathered token
         natural = torch.argsort(order)

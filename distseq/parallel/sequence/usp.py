@@ -13,8 +13,6 @@ forward ``(u-1)/u n (2d + 2dkv) s + (R-1) 2 n dkv s``; backward ``(u-1)/u n (2d 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from distseq.parallel.comm import Communicator
@@ -69,17 +67,7 @@ class USPAttention(SequenceStrategy):
     def communicators(self) -> list[Communicator]:
         return [self.inner, self.outer]
 
-    def attention(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        causal: bool = True,
-        softmax_scale: float | None = None,
-        cu_seqlens: torch.Tensor | Sequence[int] | None = None,
-    ) -> torch.Tensor:
-        spec = self._spec(q, k, v, causal, softmax_scale, cu_seqlens)
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
         u = self.ulysses_degree
         check_head_sharding("usp", q.shape[2], u, "ulysses_degree")
         k, v = replicate_kv_heads(k, v, q.shape[2], u)
