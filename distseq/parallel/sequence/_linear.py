@@ -9,6 +9,7 @@ document start has ``A_c = -inf`` and every state before it is dropped, exactly.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -101,7 +102,7 @@ def chunk_outputs(
     return torch.cat(outputs, dim=1)
 
 
-class LinearStateStrategy(SequenceStrategy):
+class LinearStateStrategy(SequenceStrategy, abc.ABC):
     """Linear attention as chunk states -> an exchange of states -> local outputs (LASP-2, LASP-1).
 
     Subclasses give ``_exchange(states, carries)``: the incoming states ``[nc, B, H, K, V]`` of the local
@@ -114,8 +115,9 @@ class LinearStateStrategy(SequenceStrategy):
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.chunk_size = chunk_size
 
+    @abc.abstractmethod
     def _exchange(self, states: torch.Tensor, carries: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError  # abstract: each subclass is one exchange schedule
+        """Each subclass is one exchange schedule."""
 
     def linear_attention(
         self,
