@@ -10,7 +10,7 @@ document start has ``A_c = -inf`` and every state before it is dropped, exactly.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +21,7 @@ from distseq.kernels.linear_attention import (
     linear_attention_state,
     resolve_gates,
 )
+from distseq.kernels.linear_attention.backends import linear_attention_backend
 from distseq.parallel.comm import Communicator
 from distseq.parallel.layout import Chunk, SequenceLayout
 from distseq.parallel.sequence.base import SequenceStrategy, check_qkv_length
@@ -85,11 +86,17 @@ def scan_states(states: torch.Tensor, carries: torch.Tensor) -> torch.Tensor:
 
 
 def chunk_outputs(
-    call: LinearCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, incoming: torch.Tensor, chunk_size: int
+    call: LinearCall,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    incoming: torch.Tensor,
+    chunk_size: int,
+    kernel: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] = chunk_linear_attention,
 ) -> torch.Tensor:
     """``o`` ``[B, n, H, V]``: each local chunk attends causally within itself, starting from its incoming state."""
     outputs = [
-        chunk_linear_attention(
+        kernel(
             q[:, c.local_slice],
             k[:, c.local_slice],
             v[:, c.local_slice],
@@ -109,11 +116,12 @@ class LinearStateStrategy(SequenceStrategy, abc.ABC):
     chunks from their ``M`` ``[nc, B, H, K, V]`` and ``A`` ``[nc, B, H]``, differentiable.
     """
 
-    def __init__(self, comm: Communicator, layout: SequenceLayout, *, chunk_size: int = 64):
+    def __init__(self, comm: Communicator, layout: SequenceLayout, *, chunk_size: int = 64, backend: str = "torch"):
         super().__init__(comm, layout)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.chunk_size = chunk_size
+        self.kernel = linear_attention_backend(backend)  # the local intra-chunk kernel
 
     @abc.abstractmethod
     def _exchange(self, states: torch.Tensor, carries: torch.Tensor) -> torch.Tensor:
@@ -137,4 +145,4 @@ class LinearStateStrategy(SequenceStrategy, abc.ABC):
         """
         call = prepare(self.layout, q, k, v, decay, gate, cu_seqlens)
         states, carries = chunk_states(call, k, v)
-        return chunk_outputs(call, q, k, v, self._exchange(states, carries), self.chunk_size)
+        return chunk_outputs(call, q, k, v, self._exchange(states, carries), self.chunk_size, self.kernel)

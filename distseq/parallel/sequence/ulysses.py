@@ -16,7 +16,8 @@ from collections.abc import Sequence
 import torch
 
 from distseq.kernels.attention import attention_delta
-from distseq.kernels.linear_attention import check_linear_attention_inputs, chunk_linear_attention
+from distseq.kernels.linear_attention import check_linear_attention_inputs
+from distseq.kernels.linear_attention.backends import linear_attention_backend
 from distseq.parallel import functional as F
 from distseq.parallel.comm import Communicator
 from distseq.parallel.layout import SequenceLayout
@@ -97,11 +98,12 @@ class UlyssesAttention(SequenceStrategy):
 
     name = "ulysses"
 
-    def __init__(self, comm: Communicator, layout: SequenceLayout, *, chunk_size: int = 64):
+    def __init__(self, comm: Communicator, layout: SequenceLayout, *, chunk_size: int = 64, backend: str = "torch"):
         super().__init__(comm, layout)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.chunk_size = chunk_size  # for linear attention
+        self.kernel = linear_attention_backend(backend)  # for linear attention
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
         check_head_sharding("ulysses", q.shape[2], self.comm.size, "sp")
@@ -137,7 +139,7 @@ class UlyssesAttention(SequenceStrategy):
             return F.all_to_all(x, comm, scatter_dim=2, gather_dim=1)[:, natural]
 
         local_heads = q.shape[2] // p
-        out = chunk_linear_attention(
+        out = self.kernel(
             to_heads(q),
             to_heads(k),
             to_heads(v),
