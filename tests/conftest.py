@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 
 import pytest
+import torch
 
 from distseq.testing import DistributedWorld
+
+# Triton decides at decoration time whether to interpret kernels: set this before anything imports them, so
+# the Triton kernels run (slowly, in fp32/fp16) on CPU machines.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

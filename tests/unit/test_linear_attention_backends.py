@@ -123,3 +123,22 @@ def test_strategies_use_the_chosen_backend(fake_fla, name):
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="unknown linear-attention backend"):
         make_strategy(name, Communicator.solo(), layout, backend="cuda")
+
+
+def test_lasp2_with_triton_backend_equals_torch():
+    pytest.importorskip("triton")
+    from distseq.parallel.comm import Communicator
+    from distseq.parallel.layout import SequenceLayout
+    from distseq.parallel.sequence.registry import make_strategy
+
+    q, k, v, decay, gate, _ = (t.float() if t is not None else None for t in _case([(0, 5)]))
+    layout = SequenceLayout("zigzag", 22, 1, 0, [0, 9, 22])
+    results = []
+    for backend in ("triton", "torch"):
+        leaves = [t[:, :22].detach().clone().requires_grad_() for t in (q, k, v, gate)]
+        strategy = make_strategy("lasp2", Communicator.solo(), layout, backend=backend, chunk_size=8)
+        out = strategy.linear_attention(*leaves[:3], decay=decay, gate=leaves[3])
+        out.square().sum().backward()
+        results.append([out] + [t.grad for t in leaves])
+    for got, want in zip(*results, strict=True):
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max().clamp_min(1.0)
