@@ -336,6 +336,48 @@ class Communicator:
             async_op,
         )
 
+    def all_to_all_v(
+        self, x: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Uneven all-to-all along dim 0: rows ``[sum(send_splits[:j]), +send_splits[j])`` go to rank ``j``.
+
+        Returns the received rows (rank order) and ``recv_splits``. When ``recv_splits`` is not given the
+        counts are exchanged first (one small all-to-all, counted under ``all_to_all``). Used for MoE token
+        dispatch, where every rank sends a different number of tokens to each expert rank.
+        """
+        send_splits = [int(n) for n in send_splits]
+        if len(send_splits) != self.size or sum(send_splits) != x.shape[0] or min(send_splits) < 0:
+            raise ValueError(
+                f"all_to_all_v needs {self.size} non-negative send splits summing to {x.shape[0]} rows, "
+                f"got {send_splits}"
+            )
+        if recv_splits is None:
+            recv_splits = self.all_to_all(torch.tensor(send_splits, dtype=torch.int64), 0, 0).tolist()
+        recv_splits = [int(n) for n in recv_splits]
+        row = x[0].numel() * x.element_size() if x.shape[0] else math.prod(x.shape[1:]) * x.element_size()
+        sent = (sum(send_splits) - send_splits[self.rank]) * row
+        received = (sum(recv_splits) - recv_splits[self.rank]) * row
+        if self.size == 1:
+            return self._run("all_to_all_v", lambda: None, lambda: x, 0, 0, False), recv_splits
+        send = x.contiguous()
+        out = send.new_empty((sum(recv_splits), *send.shape[1:]))
+        result = self._run(
+            "all_to_all_v",
+            lambda: dist.all_to_all_single(
+                out,
+                send,
+                output_split_sizes=recv_splits,
+                input_split_sizes=send_splits,
+                group=self.group,
+                async_op=True,
+            ),
+            lambda: out,
+            sent,
+            received,
+            False,
+        )
+        return result, recv_splits
+
     def send_recv(
         self,
         tensors: torch.Tensor | Sequence[torch.Tensor],

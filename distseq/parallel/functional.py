@@ -14,7 +14,7 @@ import torch
 
 from distseq.parallel.comm import Communicator
 
-__all__ = ["all_gather", "all_to_all", "reduce_scatter"]
+__all__ = ["all_gather", "all_to_all", "all_to_all_v", "reduce_scatter"]
 
 
 class _AllToAll(torch.autograd.Function):
@@ -48,6 +48,23 @@ class _ReduceScatter(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return ctx.comm.all_gather(grad, ctx.dim), None, None
+
+
+class _AllToAllV(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: Communicator, send_splits: list[int], recv_splits: list[int]):
+        ctx.comm, ctx.send_splits, ctx.recv_splits = comm, send_splits, recv_splits
+        return comm.all_to_all_v(x, send_splits, recv_splits)[0]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ctx.comm.all_to_all_v(grad, ctx.recv_splits, ctx.send_splits)[0], None, None, None
+
+
+def all_to_all_v(x: torch.Tensor, comm: Communicator, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
+    """Differentiable :meth:`Communicator.all_to_all_v` (splits known on both sides); the gradient goes back
+    by the reverse uneven all-to-all."""
+    return _AllToAllV.apply(x, comm, list(send_splits), list(recv_splits))
 
 
 def all_to_all(x: torch.Tensor, comm: Communicator, scatter_dim: int, gather_dim: int) -> torch.Tensor:

@@ -263,3 +263,34 @@ def job_solo_inside_world() -> None:
 
 def test_solo_communicator_inside_a_world(worlds):
     worlds(2).run(job_solo_inside_world)
+
+
+def job_all_to_all_v() -> None:
+    comm = Communicator()
+    p, r = comm.size, comm.rank
+    # Rank r sends (r + j) % 3 rows to rank j; row values identify sender, receiver and index.
+    send_splits = [(r + j) % 3 for j in range(p)]
+    rows = [torch.tensor([[100.0 * r + 10 * j + i, 1.0]]) for j in range(p) for i in range(send_splits[j])]
+    x = torch.cat(rows) if rows else torch.zeros(0, 2)
+    comm.stats.reset()
+    out, recv_splits = comm.all_to_all_v(x, send_splits)
+    assert recv_splits == [(j + r) % 3 for j in range(p)]
+    expected = [[100.0 * j + 10 * r + i, 1.0] for j in range(p) for i in range(recv_splits[j])]
+    assert out.tolist() == expected
+    s = comm.stats["all_to_all_v"]
+    assert (
+        s.bytes_sent == (sum(send_splits) - send_splits[r]) * 8
+        and s.bytes_received == (sum(recv_splits) - recv_splits[r]) * 8
+    )
+    # Autograd: the gradient returns to the sender's rows.
+    xg = x.clone().requires_grad_()
+    y = F.all_to_all_v(xg, comm, send_splits, recv_splits)
+    (y * torch.arange(1.0, 3.0)).sum().backward()
+    assert torch.equal(xg.grad, torch.tensor([[1.0, 2.0]]).expand_as(x))
+    with pytest.raises(ValueError, match=rf"needs {p} non-negative send splits summing to"):
+        comm.all_to_all_v(x, [1] * (p + 1))
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_all_to_all_v(worlds, world_size):
+    worlds(world_size).run(job_all_to_all_v)
