@@ -27,6 +27,7 @@ class MeshAxis(StrEnum):
     TP = "tp"
     EP = "ep"
     EDP = "edp"  # expert data parallel: the dp x sp ranks holding the same experts
+    DP_SP = "dp_sp"  # every rank holding different tokens of the batch (gradient reduction of replicated weights)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +68,10 @@ class ParallelDims:
     def edp(self) -> int:
         return self.dp * self.sp // self.ep
 
+    @property
+    def dp_sp(self) -> int:
+        return self.dp * self.sp
+
     def degree(self, axis: MeshAxis | str) -> int:
         return getattr(self, MeshAxis(axis).value)
 
@@ -82,6 +87,7 @@ class ParallelDims:
             MeshAxis.TP: tp,
             MeshAxis.EP: dp_sp % self.ep,
             MeshAxis.EDP: dp_sp // self.ep,
+            MeshAxis.DP_SP: dp_sp,
         }
 
     def axis_groups(self, axis: MeshAxis | str) -> list[list[int]]:
@@ -91,7 +97,9 @@ class ParallelDims:
         for rank in range(self.world_size):
             c = self.coords(rank)
             # The other coordinates that fix a group: for the expert axes, (the other expert axis, tp).
-            if axis in (MeshAxis.EP, MeshAxis.EDP):
+            if axis is MeshAxis.DP_SP:
+                key = (c[MeshAxis.TP],)
+            elif axis in (MeshAxis.EP, MeshAxis.EDP):
                 other = MeshAxis.EDP if axis is MeshAxis.EP else MeshAxis.EP
                 key = (c[other], c[MeshAxis.TP])
             else:
@@ -109,10 +117,10 @@ class ParallelDims:
         )
 
     def communicators(self, mesh=None) -> dict[MeshAxis, Communicator]:
-        """One Communicator per axis (dp, sp, tp, ep, edp) for this rank.
+        """One Communicator per axis (dp, sp, tp, ep, edp, dp_sp) for this rank.
 
         ``dp``, ``sp`` and ``tp`` reuse the process groups of ``mesh`` (from :meth:`build_mesh`; built
-        here when omitted); ``ep`` and ``edp`` get groups of their own. Collective: every rank must call
+        here when omitted); ``ep``, ``edp`` and ``dp_sp`` get groups of their own. Collective: every rank must call
         it, in the same order relative to other group creation.
         """
         self._check_world()
@@ -122,7 +130,7 @@ class ParallelDims:
             for axis in (MeshAxis.DP, MeshAxis.SP, MeshAxis.TP)
         }
         rank = dist.get_rank()
-        for axis in (MeshAxis.EP, MeshAxis.EDP):
+        for axis in (MeshAxis.EP, MeshAxis.EDP, MeshAxis.DP_SP):
             for members in self.axis_groups(axis):
                 # new_group is collective over the world: every rank creates every group, in order.
                 pg = dist.new_group(members)

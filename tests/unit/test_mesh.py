@@ -28,6 +28,7 @@ def test_coords_follow_megatron_order_tp_fastest():
         (ParallelDims(dp=2, sp=2, ep=2, world_size=4), "edp", [[0, 2], [1, 3]]),
         (ParallelDims(dp=2, sp=2, tp=2, ep=4, world_size=8), "ep", [[0, 2, 4, 6], [1, 3, 5, 7]]),
         (ParallelDims(sp=4, world_size=4), "tp", [[0], [1], [2], [3]]),
+        (ParallelDims(dp=2, sp=2, tp=2, world_size=8), "dp_sp", [[0, 2, 4, 6], [1, 3, 5, 7]]),
     ],
 )
 def test_axis_groups(dims, axis, groups):

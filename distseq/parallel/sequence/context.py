@@ -1,0 +1,66 @@
+"""SequenceParallel: what a model needs to run one batch sharded over the SP group.
+
+One layout for the whole model, one strategy per layer type (softmax, linear), built once (some strategies
+create process groups) and reused for every batch; the batch's packed documents travel with the context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from distseq.parallel.comm import Communicator
+from distseq.parallel.layout import SequenceLayout
+from distseq.parallel.sequence.base import SequenceStrategy
+from distseq.parallel.sequence.registry import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES, make_strategy
+
+__all__ = ["SequenceParallel"]
+
+
+@dataclass(frozen=True)
+class SequenceParallel:
+    layout: SequenceLayout
+    softmax: SequenceStrategy
+    linear: SequenceStrategy
+    cu_seqlens: torch.Tensor | None = None  # global document offsets of the current batch
+
+    @classmethod
+    def build(
+        cls,
+        comm: Communicator,
+        layout: SequenceLayout,
+        *,
+        softmax: str = "ring",
+        linear: str = "lasp2",
+        softmax_options: dict[str, Any] | None = None,
+        linear_options: dict[str, Any] | None = None,
+    ) -> SequenceParallel:
+        """Strategies for softmax and linear layers over the SP communicator ``comm`` (collective for ``usp``)."""
+        if softmax not in SOFTMAX_STRATEGIES:
+            raise ValueError(f"softmax layers take one of {SOFTMAX_STRATEGIES}, got {softmax!r}")
+        if linear not in [*LINEAR_STRATEGIES, "ulysses"]:
+            raise ValueError(f"linear layers take one of {[*LINEAR_STRATEGIES, 'ulysses']}, got {linear!r}")
+        return cls(
+            layout,
+            make_strategy(softmax, comm, layout, **(softmax_options or {})),
+            make_strategy(linear, comm, layout, **(linear_options or {})),
+        )
+
+    @classmethod
+    def single(cls, seq_len: int, *, kind: str = "contiguous") -> SequenceParallel:
+        """No sequence parallelism: one rank holds the whole sequence (single-process runs and references)."""
+        return cls.build(Communicator.solo(), SequenceLayout(kind, seq_len, 1, 0))
+
+    def with_documents(self, cu_seqlens: torch.Tensor | Sequence[int] | None) -> SequenceParallel:
+        """This context for a batch of packed documents (global offsets); validated against the layout."""
+        cu = self.layout.with_documents(cu_seqlens).cu_seqlens if cu_seqlens is not None else None
+        return replace(self, cu_seqlens=cu)
+
+    def positions(self, device: torch.device | str | None = None) -> torch.Tensor:
+        return self.layout.positions(device)
+
+    def strategies(self) -> list[SequenceStrategy]:
+        return [self.softmax, self.linear]
