@@ -10,11 +10,12 @@ its full gradient, and weights replicated over ``tp`` receive identical gradient
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from distseq.parallel.comm import Communicator
 
-__all__ = ["EXPERT_PARAM_ATTR", "reduce_gradients"]
+__all__ = ["EXPERT_PARAM_ATTR", "data_parallel", "reduce_gradients"]
 
 #: set to True on parameters sharded by expert parallelism (by ``apply_expert_parallel``)
 EXPERT_PARAM_ATTR = "distseq_expert_parallel"
@@ -35,3 +36,41 @@ def reduce_gradients(model: nn.Module, token_comm: Communicator, expert_data_com
         flat = comm.all_reduce(torch.cat([g.reshape(-1) for g in grads]), inplace=True)
         for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
             g.copy_(part.view_as(g))
+
+
+def _sum_allreduce_hook(group, bucket):
+    # DDP's default hook averages; distseq's loss is each rank's share of the global loss, so gradients add.
+    # (No annotations: DDP inspects them and rejects the strings that `from __future__ import annotations` makes.)
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def data_parallel(model: nn.Module, token_comm: Communicator, mode: str = "ddp") -> nn.Module:
+    """Wrap ``model`` so backward reduces (sums) gradients over ``token_comm`` (``dp_sp``).
+
+    ``mode``: ``"ddp"`` (DistributedDataParallel with a summing hook, overlapping the all-reduce with the
+    backward) or ``"fsdp"`` (FSDP2 ``fully_shard`` over a 1-D mesh of the group's ranks, gradient divide
+    factor 1, so parameters and optimizer state are sharded). Models without expert parallelism only: expert
+    weights need their own group (use :func:`reduce_gradients`).
+    """
+    if any(getattr(p, EXPERT_PARAM_ATTR, False) for p in model.parameters()):
+        raise ValueError("data_parallel does not handle expert-parallel weights; use reduce_gradients")
+    if token_comm.group is None:
+        return model
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(model, process_group=token_comm.group, find_unused_parameters=True)
+        wrapped.register_comm_hook(token_comm.group, _sum_allreduce_hook)
+        return wrapped
+    if mode == "fsdp":
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.fsdp import fully_shard
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        mesh = DeviceMesh.from_group(token_comm.group, device, mesh_dim_names=("dp_sp",))
+        fully_shard(model, mesh=mesh)
+        model.set_gradient_divide_factor(1.0)
+        model.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)
+        return model
+    raise ValueError(f"unknown data-parallel mode {mode!r}; choose 'ddp' or 'fsdp'")
