@@ -1,1 +1,5 @@
-"""Model layers and the hybrid linear/softmax attention MoE model (issue #5)."""
+"""Model layers and the hybrid linear/softmax-attention MoE language model."""
+
+from distseq.models.hybrid import HybridLM, LMOutput
+
+__all__ = ["HybridLM", "LMOutput"]
