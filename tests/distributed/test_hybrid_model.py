@@ -1,0 +1,179 @@
+"""The hybrid MoE model sharded over data and sequence ranks equals a single-process run of the same model on
+the same global batch: loss (<= 1e-5 relative), every parameter's gradient (<= 1e-5 relative to its largest
+entry) and the parameters after one optimizer step, fp32, for every softmax strategy with LASP-2 on both token
+layouts, with packed documents crossing ranks.
+
+The optimizer step is SGD with momentum and weight decay: Adam's first step divides each gradient by its own
+magnitude, which turns the fp32 rounding of gradients near zero (different summation order over ranks) into
+differences of order lr, so it cannot be compared at 1e-5.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from distseq.config.model import ModelConfig
+from distseq.models.hybrid import IGNORE_INDEX, HybridLM
+from distseq.parallel.data import data_parallel, reduce_gradients
+from distseq.parallel.layout import SequenceLayout
+from distseq.parallel.mesh import MeshAxis, ParallelDims
+from distseq.parallel.sequence.context import SequenceParallel
+
+CONFIG = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_heads=4,
+    num_kv_heads=2,
+    layer_pattern="LALA",
+    mlp_pattern="DMDM",
+    num_experts=4,
+    top_k=2,
+    moe_intermediate_size=16,
+    intermediate_size=48,
+    shared_expert=True,
+    qk_norm=True,
+    linear_gate=True,
+    loss_chunk_size=24,
+)
+SEQ_LEN, ROWS = 32, 2
+DOCS = [0, 7, 19, 20, 32]
+
+
+def _batch():
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 64, (ROWS, SEQ_LEN), generator=g)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, :-1] = ids[:, 1:]
+    labels[:, torch.tensor(DOCS[1:-1]) - 1] = IGNORE_INDEX  # no target across a document boundary
+    return ids, labels
+
+
+def _model(overrides=None):
+    torch.manual_seed(0)
+    return HybridLM(ModelConfig(**(CONFIG | (overrides or {}))))
+
+
+def _optimizer(model, lr=0.1):
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.01)
+
+
+def _reference(overrides=None, lr=0.1):
+    model = _model(overrides)
+    ids, labels = _batch()
+    seq = SequenceParallel.single(SEQ_LEN).with_documents(DOCS)
+    out = model(ids, labels, seq)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    _optimizer(model, lr).step()
+    return out.loss.item(), grads, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _close(name, got, want, failures, tol=1e-5):
+    err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+    if not err <= tol:
+        failures.append(f"{name}: relative error {err:.3g}")
+
+
+def job_parity(dp: int, sp: int, softmax: str, kind: str, overrides: dict | None = None) -> None:
+    world = dist.get_world_size()
+    dims = ParallelDims(dp=dp, sp=sp, world_size=world)
+    comms = dims.communicators()
+    sp_comm, token_comm = comms[MeshAxis.SP], comms[MeshAxis.DP_SP]
+    coords = dims.coords(dist.get_rank())
+    model = _model(overrides)
+    for module in model.modules():
+        if hasattr(module, "token_comm"):
+            module.token_comm = token_comm  # MoE aux statistics over every rank holding tokens
+    layout = SequenceLayout(kind, SEQ_LEN, sp, coords[MeshAxis.SP])
+    options = {"ulysses_degree": 2} if softmax == "usp" else {}
+    seq = SequenceParallel.build(sp_comm, layout, softmax=softmax, softmax_options=options).with_documents(DOCS)
+    ids, labels = _batch()
+    rows = slice(coords[MeshAxis.DP] * ROWS // dp, (coords[MeshAxis.DP] + 1) * ROWS // dp)
+    normalizer = float((labels != IGNORE_INDEX).sum())  # the global target count
+    out = model(layout.shard(ids[rows], 1), layout.shard(labels[rows], 1), seq, loss_normalizer=normalizer)
+    out.loss.backward()
+    loss = token_comm.all_reduce(out.loss.detach())
+    reduce_gradients(model, token_comm)
+    ref_loss, ref_grads, ref_params = _reference(overrides)
+    failures = []
+    _close("loss", loss, torch.tensor(ref_loss), failures)
+    for name, p in model.named_parameters():
+        _close(f"grad {name}", p.grad, ref_grads[name], failures)
+    _optimizer(model).step()
+    for name, p in model.named_parameters():
+        _close(f"param {name}", p.detach(), ref_params[name], failures)
+    assert not failures, f"{softmax}/{kind} dp={dp} sp={sp}:\n" + "\n".join(failures)
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("softmax", ["ring", "ulysses", "allgather_kv", "token_ring", "usp"])
+def test_sp4_every_softmax_strategy_with_lasp2(worlds, softmax, kind):
+    worlds(4).run(job_parity, 1, 4, softmax, kind, timeout=300)
+
+
+@pytest.mark.parametrize("softmax", ["ring", "token_ring"])
+def test_dense_model_sp4(worlds, softmax):
+    worlds(4).run(job_parity, 1, 4, softmax, "zigzag", {"mlp_pattern": "DDDD"}, timeout=300)
+
+
+@pytest.mark.parametrize(("dp", "sp"), [(2, 2), (1, 2), (2, 1)])
+def test_data_and_sequence_parallel(worlds, dp, sp):
+    worlds(dp * sp).run(job_parity, dp, sp, "ring", "zigzag", timeout=300)
+
+
+def test_single_process_loss_is_finite_and_chunking_does_not_matter():
+    ids, labels = _batch()
+    seq = SequenceParallel.single(SEQ_LEN).with_documents(DOCS)
+    losses = []
+    for chunk in (5, 24, 4096):
+        torch.manual_seed(0)
+        model = HybridLM(ModelConfig(**(CONFIG | {"loss_chunk_size": chunk})))
+        losses.append(model(ids, labels, seq).loss)
+    assert torch.isfinite(losses[0])
+    torch.testing.assert_close(losses[0], losses[1])
+    torch.testing.assert_close(losses[0], losses[2])
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match=r"num_heads must divide by num_kv_heads: num_heads=4, num_kv_heads=3"):
+        ModelConfig(num_kv_heads=3)
+    with pytest.raises(ValueError, match=r"layer_pattern must be letters from \['A', 'L'\], got 'LXA'"):
+        ModelConfig(layer_pattern="LXA")
+    with pytest.raises(ValueError, match=r"mlp_pattern must have one letter .* per layer \(4\), got 'DM'"):
+        ModelConfig(mlp_pattern="DM")
+    with pytest.raises(ValueError, match=r"top_k must be <= num_experts: top_k=5, num_experts=4"):
+        ModelConfig(top_k=5)
+
+
+def job_wrapped(mode: str) -> None:
+    """DDP / FSDP2 over dp x sp give the same gradients and step as the single-process run (dense model)."""
+    overrides = {"mlp_pattern": "DDDD"}
+    dims = ParallelDims(dp=2, sp=2, world_size=dist.get_world_size())
+    comms = dims.communicators()
+    coords = dims.coords(dist.get_rank())
+    model = data_parallel(_model(overrides), comms[MeshAxis.DP_SP], mode)
+    layout = SequenceLayout("zigzag", SEQ_LEN, 2, coords[MeshAxis.SP])
+    seq = SequenceParallel.build(comms[MeshAxis.SP], layout).with_documents(DOCS)
+    ids, labels = _batch()
+    rows = slice(coords[MeshAxis.DP], coords[MeshAxis.DP] + 1)
+    normalizer = float((labels != IGNORE_INDEX).sum())
+    out = model(layout.shard(ids[rows], 1), layout.shard(labels[rows], 1), seq, loss_normalizer=normalizer)
+    out.loss.backward()
+    _optimizer(model).step()
+    _, ref_grads, ref_params = _reference(overrides)
+    failures = []
+    for name, p in model.named_parameters():
+        name = name.removeprefix("module.")
+        grad, param = p.grad, p.detach()
+        if mode == "fsdp":  # sharded DTensors: gather the full tensors to compare
+            grad, param = grad.full_tensor(), param.full_tensor()
+        _close(f"grad {name}", grad, ref_grads[name], failures)
+        _close(f"param {name}", param, ref_params[name], failures)
+    assert not failures, f"{mode}:\n" + "\n".join(failures)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_ddp_and_fsdp_over_dp_sp(worlds, mode):
+    worlds(4).run(job_wrapped, mode, timeout=300)
