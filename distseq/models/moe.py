@@ -15,18 +15,12 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from distseq.kernels.moe import expert_swiglu
 from distseq.models.layers import SwiGLU
 
-__all__ = ["MoE", "expert_swiglu"]
-
-
-def expert_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-    """One expert: ``(silu(x Wg) * (x Wu)) Wd`` with ``w_gate_up`` ``[hidden, 2 * inter]``."""
-    gate, up = (x @ w_gate_up).chunk(2, dim=-1)
-    return (F.silu(gate) * up) @ w_down
+__all__ = ["MoE"]
 
 
 class MoE(nn.Module):

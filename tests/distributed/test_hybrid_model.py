@@ -16,7 +16,9 @@ import torch.distributed as dist
 
 from distseq.config.model import ModelConfig
 from distseq.models.hybrid import IGNORE_INDEX, HybridLM
+from distseq.models.moe import MoE
 from distseq.parallel.data import data_parallel, reduce_gradients
+from distseq.parallel.expert import apply_expert_parallel
 from distseq.parallel.layout import SequenceLayout
 from distseq.parallel.mesh import MeshAxis, ParallelDims
 from distseq.parallel.sequence.context import SequenceParallel
@@ -76,16 +78,18 @@ def _close(name, got, want, failures, tol=1e-5):
         failures.append(f"{name}: relative error {err:.3g}")
 
 
-def job_parity(dp: int, sp: int, softmax: str, kind: str, overrides: dict | None = None) -> None:
+def job_parity(dp: int, sp: int, softmax: str, kind: str, overrides: dict | None = None, ep: int = 1) -> None:
     world = dist.get_world_size()
-    dims = ParallelDims(dp=dp, sp=sp, world_size=world)
+    dims = ParallelDims(dp=dp, sp=sp, ep=ep, world_size=world)
     comms = dims.communicators()
     sp_comm, token_comm = comms[MeshAxis.SP], comms[MeshAxis.DP_SP]
     coords = dims.coords(dist.get_rank())
     model = _model(overrides)
     for module in model.modules():
-        if hasattr(module, "token_comm"):
+        if isinstance(module, MoE):
             module.token_comm = token_comm  # MoE aux statistics over every rank holding tokens
+            if ep > 1:
+                apply_expert_parallel(module, comms[MeshAxis.EP])
     layout = SequenceLayout(kind, SEQ_LEN, sp, coords[MeshAxis.SP])
     options = {"ulysses_degree": 2} if softmax == "usp" else {}
     seq = SequenceParallel.build(sp_comm, layout, softmax=softmax, softmax_options=options).with_documents(DOCS)
@@ -95,15 +99,22 @@ def job_parity(dp: int, sp: int, softmax: str, kind: str, overrides: dict | None
     out = model(layout.shard(ids[rows], 1), layout.shard(labels[rows], 1), seq, loss_normalizer=normalizer)
     out.loss.backward()
     loss = token_comm.all_reduce(out.loss.detach())
-    reduce_gradients(model, token_comm)
+    reduce_gradients(model, token_comm, comms[MeshAxis.EDP])
     ref_loss, ref_grads, ref_params = _reference(overrides)
+
+    def shard(name, full):  # expert-parallel weights hold this ep rank's experts only
+        if ep > 1 and name.endswith(("w_gate_up", "w_down")):
+            local = full.shape[0] // ep
+            return full[coords[MeshAxis.EP] * local : (coords[MeshAxis.EP] + 1) * local]
+        return full
+
     failures = []
     _close("loss", loss, torch.tensor(ref_loss), failures)
     for name, p in model.named_parameters():
-        _close(f"grad {name}", p.grad, ref_grads[name], failures)
+        _close(f"grad {name}", p.grad, shard(name, ref_grads[name]), failures)
     _optimizer(model).step()
     for name, p in model.named_parameters():
-        _close(f"param {name}", p.detach(), ref_params[name], failures)
+        _close(f"param {name}", p.detach(), shard(name, ref_params[name]), failures)
     assert not failures, f"{softmax}/{kind} dp={dp} sp={sp}:\n" + "\n".join(failures)
 
 
@@ -116,6 +127,11 @@ def test_sp4_every_softmax_strategy_with_lasp2(worlds, softmax, kind):
 @pytest.mark.parametrize("softmax", ["ring", "token_ring"])
 def test_dense_model_sp4(worlds, softmax):
     worlds(4).run(job_parity, 1, 4, softmax, "zigzag", {"mlp_pattern": "DDDD"}, timeout=300)
+
+
+@pytest.mark.parametrize(("dp", "sp", "ep"), [(1, 2, 2), (2, 2, 2), (2, 2, 4), (1, 4, 4)])
+def test_expert_parallel_folded_over_dp_sp(worlds, dp, sp, ep):
+    worlds(dp * sp).run(job_parity, dp, sp, "ring", "zigzag", None, ep, timeout=300)
 
 
 @pytest.mark.parametrize(("dp", "sp"), [(2, 2), (1, 2), (2, 1)])
