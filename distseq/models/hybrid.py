@@ -67,7 +67,8 @@ class Block(nn.Module):
 
 
 def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), labels, reduction="none", ignore_index=IGNORE_INDEX)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits, labels, reduction="none", ignore_index=IGNORE_INDEX)
 
 
 class HybridLM(nn.Module):

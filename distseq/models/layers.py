@@ -22,8 +22,9 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.
     half = x.shape[-1] // 2
     inv_freq = theta ** (-torch.arange(half, dtype=torch.float64, device=x.device) / half)
     angles = positions.to(torch.float64)[:, None] * inv_freq[None]  # [n, D/2], fp64 keeps long positions exact
-    cos, sin = angles.cos()[None, :, None].to(torch.float32), angles.sin()[None, :, None].to(torch.float32)
-    x1, x2 = x.float()[..., :half], x.float()[..., half:]
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    cos, sin = angles.cos()[None, :, None].to(dtype), angles.sin()[None, :, None].to(dtype)
+    x1, x2 = x.to(dtype)[..., :half], x.to(dtype)[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
@@ -91,7 +92,10 @@ class LinearAttention(nn.Module):
         q = self.q_proj(x).view(batch, tokens, -1, self.head_dim) * self.head_dim**-0.5
         k = self.k_proj(x).view(batch, tokens, -1, self.head_dim)
         v = self.v_proj(x).view(batch, tokens, -1, self.head_dim)
-        gate = F.logsigmoid(self.gate_proj(x).float()) if self.gate_proj is not None else None
+        gate = None
+        if self.gate_proj is not None:
+            logits = self.gate_proj(x)
+            gate = F.logsigmoid(logits.to(torch.promote_types(logits.dtype, torch.float32)))
         out = seq.linear.linear_attention(q, k, v, decay=self.decay, gate=gate, cu_seqlens=seq.cu_seqlens)
         out = self.out_norm(out)
         if self.out_gate_proj is not None:

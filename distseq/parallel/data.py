@@ -15,15 +15,28 @@ from torch import nn
 
 from distseq.parallel.comm import Communicator
 
-__all__ = ["EXPERT_PARAM_ATTR", "data_parallel", "reduce_gradients"]
+__all__ = ["EXPERT_PARAM_ATTR", "TP_PARTIAL_ATTR", "data_parallel", "reduce_gradients"]
 
 #: set to True on parameters sharded by expert parallelism (by ``apply_expert_parallel``)
 EXPERT_PARAM_ATTR = "distseq_expert_parallel"
+#: set to True on weights replicated over tp that act on tp-sharded activations (e.g. per-head norms): each tp
+#: rank holds a partial gradient, summed over tp
+TP_PARTIAL_ATTR = "distseq_tp_partial"
 
 
-def reduce_gradients(model: nn.Module, token_comm: Communicator, expert_data_comm: Communicator | None = None) -> None:
+def reduce_gradients(
+    model: nn.Module,
+    token_comm: Communicator,
+    expert_data_comm: Communicator | None = None,
+    tp_comm: Communicator | None = None,
+) -> None:
     """Sum every parameter's gradient over ``token_comm`` (``dp_sp``), or ``expert_data_comm`` (``edp``) for
-    expert-parallel parameters, in place; one flat all-reduce per group and dtype."""
+    expert-parallel parameters, in place; first over ``tp_comm`` for tp-partial weights. One flat all-reduce
+    per group and dtype."""
+    if tp_comm is not None and tp_comm.size > 1:
+        _sum_flat(
+            tp_comm, [p.grad for p in model.parameters() if p.grad is not None and getattr(p, TP_PARTIAL_ATTR, False)]
+        )
     groups: dict[tuple[Communicator, torch.dtype], list[torch.Tensor]] = {}
     for p in model.parameters():
         if p.grad is None:
@@ -31,10 +44,16 @@ def reduce_gradients(model: nn.Module, token_comm: Communicator, expert_data_com
         comm = expert_data_comm if getattr(p, EXPERT_PARAM_ATTR, False) and expert_data_comm else token_comm
         groups.setdefault((comm, p.grad.dtype), []).append(p.grad)
     for (comm, _), grads in groups.items():
-        if comm.size == 1:
+        _sum_flat(comm, grads)
+
+
+def _sum_flat(comm: Communicator, grads: list[torch.Tensor]) -> None:
+    for dtype in {g.dtype for g in grads}:
+        same = [g for g in grads if g.dtype == dtype]
+        if comm.size == 1 or not same:
             continue
-        flat = comm.all_reduce(torch.cat([g.reshape(-1) for g in grads]), inplace=True)
-        for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        flat = comm.all_reduce(torch.cat([g.reshape(-1) for g in same]), inplace=True)
+        for g, part in zip(same, flat.split([g.numel() for g in same]), strict=True):
             g.copy_(part.view_as(g))
 
 
