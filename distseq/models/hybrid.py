@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +88,10 @@ class HybridLM(nn.Module):
             self.lm_head.weight = self.embed.weight
         #: per-token loss from (logits of one chunk, labels); a tensor-parallel plan swaps in the vocab-parallel one
         self.token_losses: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _token_losses
+        #: greedy ids from logits; a tensor-parallel plan swaps in the vocab-parallel one
+        self.token_argmax: Callable[[torch.Tensor], torch.Tensor] = partial(torch.argmax, dim=-1)
+        #: recompute each block in backward instead of keeping its activations
+        self.activation_checkpointing = False
         self.apply(self._init_weights)
 
     @staticmethod
@@ -103,7 +108,10 @@ class HybridLM(nn.Module):
         x = self.embed(input_ids)
         aux = x.new_zeros((), dtype=torch.float32)
         for block in self.blocks:
-            x, block_aux = block(x, seq)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x, block_aux = checkpoint(block, x, seq, use_reentrant=False)
+            else:
+                x, block_aux = block(x, seq)
             if block_aux is not None:
                 aux = aux + block_aux
         return self.norm(x), aux
@@ -137,6 +145,13 @@ class HybridLM(nn.Module):
             )
         lm_loss = total / normalizer
         return LMOutput(lm_loss + aux, lm_loss, aux, num_tokens)
+
+    @torch.no_grad()
+    def predict(self, input_ids: torch.Tensor, seq: SequenceParallel, where: torch.Tensor) -> torch.Tensor:
+        """Greedy next-token ids at the local positions ``where`` (bool ``[B, n]``), flattened in row order;
+        only those positions' logits are computed."""
+        hidden, _ = self.hidden_states(input_ids, seq)
+        return self.token_argmax(self.lm_head(hidden[where]))
 
     def _chunk_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.token_losses(self.lm_head(hidden), labels).sum()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 from functools import partial
 
+from distseq.config.model import ModelConfig
 from distseq.models.hybrid import HybridLM
 from distseq.models.layers import LinearAttention, SoftmaxAttention
 from distseq.models.moe import MoE
@@ -16,9 +17,9 @@ from distseq.parallel.comm import Communicator
 from distseq.parallel.data import TP_PARTIAL_ATTR
 from distseq.parallel.expert import apply_expert_parallel
 from distseq.parallel.mesh import MeshAxis, ParallelDims
-from distseq.parallel.tensor import parallelize_module, vocab_parallel_cross_entropy
+from distseq.parallel.tensor import parallelize_module, vocab_parallel_argmax, vocab_parallel_cross_entropy
 
-__all__ = ["TP_PLAN", "parallelize_hybrid"]
+__all__ = ["TP_PLAN", "check_parallel_dims", "parallelize_hybrid"]
 
 #: module-name glob -> tensor-parallel style (heads and MLP width split; MoE layers are replicated over tp)
 TP_PLAN = {
@@ -36,8 +37,8 @@ TP_PLAN = {
 }
 
 
-def check_parallel_dims(model: HybridLM, dims: ParallelDims) -> None:
-    cfg = model.config
+def check_parallel_dims(cfg: ModelConfig, dims: ParallelDims) -> None:
+    """Raise ValueError naming the numbers when ``dims`` cannot split a model of ``cfg`` (no collectives)."""
     numbers = {
         "num_heads": cfg.num_heads,
         "num_kv_heads": cfg.num_kv_heads,
@@ -57,7 +58,7 @@ def parallelize_hybrid(model: HybridLM, dims: ParallelDims, comms: dict[MeshAxis
     """Apply tensor parallelism over ``comms[tp]``, expert parallelism over ``comms[ep]`` and point the MoE
     load-balancing statistics at ``comms[dp_sp]``; in place. Gradients are then reduced with
     ``reduce_gradients(model, comms[dp_sp], comms[edp], comms[tp])``."""
-    check_parallel_dims(model, dims)
+    check_parallel_dims(model.config, dims)
     tp = comms[MeshAxis.TP]
     if tp.size > 1:
         names = [name for name, _ in model.named_modules() if name]
@@ -78,6 +79,7 @@ def parallelize_hybrid(model: HybridLM, dims: ParallelDims, comms: dict[MeshAxis
                         setattr(p, TP_PARTIAL_ATTR, True)
         vocab_start = tp.rank * model.config.vocab_size // tp.size
         model.token_losses = partial(vocab_parallel_cross_entropy, comm=tp, vocab_start=vocab_start)
+        model.token_argmax = partial(vocab_parallel_argmax, comm=tp, vocab_start=vocab_start)
     for module in model.modules():
         if isinstance(module, MoE):
             module.token_comm = comms[MeshAxis.DP_SP]

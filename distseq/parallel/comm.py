@@ -19,6 +19,7 @@ With ``P == 1`` every collective is a local no-op that still counts one call and
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -71,6 +72,15 @@ class CommStats:
 
     def reset(self) -> None:
         self.by_primitive.clear()
+
+    def add(self, other: CommStats) -> CommStats:
+        """Add ``other``'s counts into these statistics; returns self."""
+        for primitive, s in other.by_primitive.items():
+            entry = self.by_primitive.setdefault(primitive, PrimitiveStats())
+            entry.calls += s.calls
+            entry.bytes_sent += s.bytes_sent
+            entry.bytes_received += s.bytes_received
+        return self
 
     def as_dict(self) -> dict[str, dict[str, int]]:
         """Plain nested dict, ready for JSON."""
@@ -216,6 +226,13 @@ class Communicator:
         comm.name, comm.stats, comm.group = name, CommStats(), None
         comm.rank, comm.size, comm.ranks = 0, 1, [0]
         return comm
+
+    def view(self, name: str) -> Communicator:
+        """The same process group under another name, with byte statistics of its own (one per strategy, say:
+        two views of the sp group count the softmax and the linear layers' traffic apart). Creates no group."""
+        other = copy.copy(self)
+        other.name, other.stats = name, CommStats()
+        return other
 
     def __repr__(self) -> str:
         return f"Communicator(name={self.name!r}, rank={self.rank}, size={self.size}, ranks={self.ranks})"
@@ -436,8 +453,8 @@ class Communicator:
     def split(self, rank_groups: Sequence[Sequence[int]], *, name: str | None = None) -> Communicator:
         """Partition this group into sub-groups and return the one holding this rank.
 
-        ``rank_groups`` lists group-local ranks and must cover ``0 .. size-1`` exactly once. Every rank must
-        call ``split`` with the same argument (it creates process groups collectively).
+        ``rank_groups`` lists group-local ranks and must cover ``0 .. size-1`` exactly once. Every rank of this
+        group must call ``split`` with the same argument; ranks outside it need not take part.
         """
         flat = sorted(r for g in rank_groups for r in g)
         if flat != list(range(self.size)) or any(len(g) == 0 for g in rank_groups):
@@ -445,19 +462,14 @@ class Communicator:
                 f"split needs a partition of ranks 0..{self.size - 1} of group {self.name!r}, got {rank_groups}"
             )
         sub_name = name or f"{self.name}.split"
-        mine: Communicator | None = None
-        for members in rank_groups:
-            members = list(members)
-            if self.group is None:
-                sub = Communicator(name=sub_name)
-            else:
-                # new_group must be called by every rank for every sub-group, in the same order.
-                pg = dist.new_group([self.ranks[r] for r in members], use_local_synchronization=False)
-                sub = Communicator(pg, name=sub_name) if self.rank in members else None
-            if self.rank in members:
-                mine = sub
-        assert mine is not None
-        return mine
+        members = next(list(g) for g in rank_groups if self.rank in g)
+        if self.group is None:
+            return Communicator(name=sub_name)
+        # Only the members of a sub-group create it (local synchronisation), so a split of one sub-communicator
+        # (an sp group inside a tp x sp world, say) does not need the ranks outside it. Each rank creates exactly
+        # one group per split, which keeps torch's per-rank group counter, and so the hashed group names, in step.
+        pg = dist.new_group([self.ranks[r] for r in members], use_local_synchronization=True)
+        return Communicator(pg, name=sub_name)
 
     def split_grid(self, inner_size: int) -> tuple[Communicator, Communicator]:
         """Split into an inner grid axis of consecutive ranks and an outer axis of strided ranks.

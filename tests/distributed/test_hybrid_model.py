@@ -82,7 +82,14 @@ def _close(name, got, want, failures, tol=1e-5):
 
 
 def job_parity(
-    dp: int, sp: int, softmax: str, kind: str, overrides: dict | None = None, ep: int = 1, tp: int = 1
+    dp: int,
+    sp: int,
+    softmax: str,
+    kind: str,
+    overrides: dict | None = None,
+    ep: int = 1,
+    tp: int = 1,
+    linear: str = "lasp2",
 ) -> None:
     world = dist.get_world_size()
     dims = ParallelDims(dp=dp, sp=sp, tp=tp, ep=ep, world_size=world)
@@ -92,7 +99,8 @@ def job_parity(
     model = parallelize_hybrid(_model(overrides), dims, comms)
     layout = SequenceLayout(kind, SEQ_LEN, sp, coords[MeshAxis.SP])
     options = {"ulysses_degree": 2} if softmax == "usp" else {}
-    seq = SequenceParallel.build(sp_comm, layout, softmax=softmax, softmax_options=options).with_documents(DOCS)
+    seq = SequenceParallel.build(sp_comm, layout, softmax=softmax, linear=linear, softmax_options=options)
+    seq = seq.with_documents(DOCS)
     ids, labels = _batch()
     rows = slice(coords[MeshAxis.DP] * ROWS // dp, (coords[MeshAxis.DP] + 1) * ROWS // dp)
     normalizer = float((labels != IGNORE_INDEX).sum())  # the global target count
@@ -122,7 +130,7 @@ def job_parity(
     _optimizer(model).step()
     for name, p in model.named_parameters():
         _close(f"param {name}", p.detach(), shard(name, ref_params[name]), failures)
-    assert not failures, f"{softmax}/{kind} dp={dp} sp={sp}:\n" + "\n".join(failures)
+    assert not failures, f"{softmax}+{linear}/{kind} dp={dp} sp={sp} tp={tp} ep={ep}:\n" + "\n".join(failures)
 
 
 @pytest.mark.parametrize("kind", ["contiguous", "zigzag"])
@@ -136,11 +144,27 @@ def test_dense_model_sp4(worlds, softmax):
     worlds(4).run(job_parity, 1, 4, softmax, "zigzag", {"mlp_pattern": "DDDD"}, timeout=300)
 
 
-@pytest.mark.parametrize(("dp", "sp", "tp"), [(1, 2, 2), (2, 1, 2), (1, 1, 2), (1, 1, 4)])
+@pytest.mark.parametrize(("dp", "sp", "tp"), [(2, 1, 2), (1, 1, 2), (1, 1, 4)])
 @pytest.mark.parametrize("softmax", ["ring", "ulysses"])
 def test_tensor_parallel(worlds, dp, sp, tp, softmax):
     overrides = {"num_kv_heads": 4} if tp == 4 else None
     worlds(dp * sp * tp).run(job_parity, dp, sp, softmax, "zigzag", overrides, 1, tp, timeout=300)
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("softmax", ["ring", "ulysses", "allgather_kv", "token_ring", "usp"])
+def test_sp2_tp2_every_softmax_strategy(worlds, softmax, kind):
+    worlds(4).run(job_parity, 1, 2, softmax, kind, None, 1, 2, timeout=300)
+
+
+@pytest.mark.parametrize("softmax", ["ring", "ulysses", "allgather_kv", "token_ring", "usp"])
+def test_sp2_ep2_every_softmax_strategy(worlds, softmax):
+    worlds(2).run(job_parity, 1, 2, softmax, "zigzag", None, 2, timeout=300)
+
+
+@pytest.mark.parametrize("linear", ["lasp1", "ulysses"])
+def test_other_linear_strategies(worlds, linear):
+    worlds(4).run(job_parity, 1, 4, "ring", "zigzag", None, linear=linear, timeout=300)
 
 
 def job_invalid_combinations() -> None:

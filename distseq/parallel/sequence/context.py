@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from distseq.parallel.comm import Communicator
+from distseq.parallel.comm import CommStats, Communicator
 from distseq.parallel.layout import SequenceLayout
 from distseq.parallel.sequence.base import SequenceStrategy
 from distseq.parallel.sequence.registry import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES, make_strategy
@@ -45,8 +45,9 @@ class SequenceParallel:
             raise ValueError(f"linear layers take one of {[*LINEAR_STRATEGIES, 'ulysses']}, got {linear!r}")
         return cls(
             layout,
-            make_strategy(softmax, comm, layout, **(softmax_options or {})),
-            make_strategy(linear, comm, layout, **(linear_options or {})),
+            # Views of one group, so each layer type's traffic is counted apart (CommStats per strategy).
+            make_strategy(softmax, comm.view(f"{comm.name}.softmax.{softmax}"), layout, **(softmax_options or {})),
+            make_strategy(linear, comm.view(f"{comm.name}.linear.{linear}"), layout, **(linear_options or {})),
         )
 
     @classmethod
@@ -64,3 +65,14 @@ class SequenceParallel:
 
     def strategies(self) -> list[SequenceStrategy]:
         return [self.softmax, self.linear]
+
+    def comm_stats(self) -> dict[str, CommStats]:
+        """Byte statistics by strategy: ``{"softmax.ring": ..., "linear.lasp2": ...}`` (each strategy's
+        communicators merged)."""
+        out = {}
+        for kind, strategy in (("softmax", self.softmax), ("linear", self.linear)):
+            merged = CommStats()
+            for comm in strategy.communicators():
+                merged.add(comm.stats)
+            out[f"{kind}.{strategy.name}"] = merged
+        return out
