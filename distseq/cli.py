@@ -3,6 +3,9 @@
 distseq env                                   versions and which optional backends are usable
 torchrun --nproc-per-node 4 -m distseq check  verify every collective: values, bytes, bandwidth
 distseq check --nproc 4                       the same, spawning gloo ranks on this machine
+torchrun --nproc-per-node 4 -m distseq train --config configs/runs/tiny-hybrid-cpu.yaml [key=value ...]
+                                              a training run ([--resume [DIR]], [--dry-run --world-size N])
+distseq data prepare FILES... --output OUT    text files -> a memory-mapped token file
 """
 
 from __future__ import annotations
@@ -97,6 +100,63 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return _report_checks(run_distributed(_check_job, args.nproc, args.numel, args.dtype, timeout=args.timeout))
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from distseq.config import ConfigError, RunConfig, load_yaml
+
+    try:
+        cfg = load_yaml(RunConfig, args.config, args.overrides)
+    except ConfigError as err:
+        print(f"distseq train: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        return _dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
+    from distseq.train.trainer import run_training
+
+    resume = True if args.resume == "latest" else (args.resume or False)
+    result = run_training(cfg, resume=resume)
+    if int(os.environ.get("RANK", "0")) == 0 and result.losses:
+        done = {"run_dir": result.run_dir, "steps": len(result.losses), "final_loss": result.losses[-1]}
+        if result.evals:
+            done.update(result.evals[-1])
+        if result.last_checkpoint:
+            done["checkpoint"] = result.last_checkpoint
+        print(json.dumps(done), file=sys.stderr)
+    return 0
+
+
+def _dry_run(cfg, world_size: int) -> int:
+    """The resolved layout, per-rank memory estimate and communication plan; no process group, no model."""
+    from distseq.train.plan import format_plan, plan_report
+    from distseq.train.trainer import validate
+
+    plan = validate(cfg, world_size)
+    p = cfg.parallel
+    bf16 = cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and p.backend != "gloo" and _cuda_available())
+    report = plan_report(
+        cfg.model,
+        plan.dims,
+        seq_len=cfg.data.seq_len,
+        micro_batch=cfg.data.micro_batch,
+        grad_accum=cfg.data.global_batch // (plan.dims.dp * cfg.data.micro_batch),
+        softmax_strategy=p.softmax_strategy,
+        linear_strategy=p.linear_strategy,
+        layout=p.layout,
+        data_parallel=p.data_parallel,
+        ulysses_degree=plan.ulysses_degree,
+        dtype_bytes=2 if bf16 else 4,  # activations under bf16 autocast; weights and optimizer stay fp32
+        param_bytes=4,
+        activation_checkpointing=cfg.train.activation_checkpointing,
+    )
+    print(format_plan(report))
+    return 0
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distseq",
@@ -117,6 +177,30 @@ def _build_parser() -> argparse.ArgumentParser:
     check.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
     check.add_argument("--timeout", type=float, default=300.0, help="seconds before a hang fails the check")
     check.set_defaults(fn=_cmd_check)
+
+    train = sub.add_parser("train", help="train a model from a run config (under torchrun for several ranks)")
+    train.add_argument("--config", required=True, help="a YAML run config, e.g. configs/runs/tiny-hybrid-cpu.yaml")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4")
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="continue from the newest checkpoint of the run (or from the checkpoint directory given)",
+    )
+    train.add_argument(
+        "--dry-run", action="store_true", help="print the layout, memory estimate and communication plan; no training"
+    )
+    train.add_argument("--world-size", type=int, default=None, help="ranks to plan for with --dry-run")
+    train.set_defaults(fn=_cmd_train)
+
+    data = sub.add_parser("data", help="data tools")
+    data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    prepare = data_sub.add_parser("prepare", help="text files -> a memory-mapped token file")
+    # (by path: the package re-exports a function named ``prepare``)
+    prepare_module = importlib.import_module("distseq.data.prepare")
+    prepare_module.add_arguments(prepare)
+    prepare.set_defaults(fn=prepare_module.main)
     return parser
 
 

@@ -5,9 +5,11 @@ model from ``distseq.parallel``. Sequence parallelism enters through the
 :class:`~distseq.parallel.sequence.context.SequenceParallel` passed to ``forward``.
 
 Loss convention: ``forward`` returns this rank's share of the global loss, ``sum(token losses) /
-loss_normalizer + aux``, where ``loss_normalizer`` is the number of target tokens in the whole global batch
-(all data- and sequence-parallel ranks) and each MoE layer's aux is its share of the global aux loss. Summed
-over ranks (which is what summing gradients over dp x sp does) this is exactly the single-process loss.
+loss_normalizer + sum(aux) / aux_normalizer``, where ``loss_normalizer`` is the number of target tokens in the
+whole global batch (all data- and sequence-parallel ranks, all micro-batches), ``aux_normalizer`` the number of
+sequences in it, and each MoE layer's aux is its share of its sequences' balance losses (per-sequence
+statistics, see ``distseq.models.moe``). Summed over ranks and micro-batches (which is what accumulating and
+summing gradients over dp x sp does) this is exactly the single-process loss of the whole batch.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ IGNORE_INDEX = -100
 class LMOutput:
     loss: torch.Tensor  # this rank's share: lm_loss + aux_loss
     lm_loss: torch.Tensor  # sum of local token losses / loss_normalizer
-    aux_loss: torch.Tensor  # sum over MoE layers of this rank's aux share
+    aux_loss: torch.Tensor  # sum over MoE layers of this rank's aux share / aux_normalizer
     num_tokens: int  # local target tokens (labels != -100)
 
 
@@ -123,13 +125,15 @@ class HybridLM(nn.Module):
         seq: SequenceParallel,
         *,
         loss_normalizer: float | None = None,
+        aux_normalizer: float | None = None,
     ) -> LMOutput:
         """``input_ids``, ``labels``: ``[B, n]`` this rank's tokens in the layout's order, labels already the
         next tokens of the global sequence (-100 where none). ``loss_normalizer`` defaults to the local target
-        count (right for a single process)."""
+        count and ``aux_normalizer`` to ``B`` (right for a single process and one micro-batch)."""
         if input_ids.shape != labels.shape:
             raise ValueError(f"input_ids and labels must match: {tuple(input_ids.shape)} vs {tuple(labels.shape)}")
         hidden, aux = self.hidden_states(input_ids, seq)
+        aux = aux / float(aux_normalizer if aux_normalizer is not None else input_ids.shape[0])
         num_tokens = int((labels != IGNORE_INDEX).sum())
         normalizer = float(loss_normalizer if loss_normalizer is not None else max(num_tokens, 1))
         total = hidden.new_zeros((), dtype=torch.float32)

@@ -2,9 +2,10 @@
 
 Built without parallelism. Two attributes connect it to a parallel layout; a parallel plan sets them:
 
-* ``token_comm``: the ranks holding different tokens of the global batch (data x sequence parallel). The
-  load-balancing statistics are then global, and ``forward`` returns this rank's *share* of the global aux
-  loss, so the shares summed over ranks equal the single-process aux loss, value and gradients.
+* ``token_comm``: the ranks holding other tokens of the same sequences (the sequence-parallel group). The
+  load-balancing statistics are per sequence, summed over it, and ``forward`` returns this rank's *share*
+  of the sequences' aux loss, so the shares summed over ranks equal the single-process aux loss, value and
+  gradients, whatever the data-parallel split or micro-batching.
 * ``dispatch``: how routed assignments reach their experts. The local default computes every expert here;
   expert parallelism (``distseq.parallel.expert``) replaces it with an all-to-all exchange.
 """
@@ -83,7 +84,7 @@ class MoE(nn.Module):
         self.w_gate_up = nn.Parameter(torch.randn(num_experts, hidden_size, 2 * intermediate_size) * hidden_size**-0.5)
         self.w_down = nn.Parameter(torch.randn(num_experts, intermediate_size, hidden_size) * intermediate_size**-0.5)
         self.shared = SwiGLU(hidden_size, shared_intermediate_size) if shared_intermediate_size else None
-        #: the ranks holding different tokens of the global batch; set by a parallel plan
+        #: the ranks holding other tokens of the same sequences (sequence parallel); set by a parallel plan
         self.token_comm: Communicator | None = None
         #: (tokens [N, hidden], expert ids [A], token ids [A], weights [A]) -> combined output [N, hidden],
         #: for the A kept assignments in token order; replaced by expert parallelism
@@ -92,8 +93,9 @@ class MoE(nn.Module):
         self.expert_offset = 0
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` ``[B, T, hidden]`` -> ``(y [B, T, hidden], aux)``; aux is this rank's share of the aux loss
-        (the whole aux loss when ``token_comm`` is None)."""
+        """``x`` ``[B, T, hidden]`` -> ``(y [B, T, hidden], aux)``: aux is the sum over the B sequences of
+        their balance losses (this rank's share of it when ``token_comm`` holds other tokens of the same
+        sequences); divide by the number of sequences for the mean. A 2-D ``x`` ``[T, hidden]`` is one sequence."""
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])  # [N, hidden]
         logits = self.router(tokens)
@@ -111,7 +113,7 @@ class MoE(nn.Module):
         out = self.dispatch(tokens, expert_ids, token_ids, flat_weights.to(tokens.dtype))
         if self.shared is not None:
             out = out + self.shared(tokens)
-        return out.reshape(shape), self._aux_loss(probs, experts)
+        return out.reshape(shape), self._aux_loss(probs, experts, shape[0] if len(shape) == 3 else 1)
 
     def run_experts(self, rows: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """Rows grouped by the experts held here (``counts[e]`` rows for local expert ``e``, in order) ->
@@ -144,16 +146,26 @@ class MoE(nn.Module):
         rows = self.run_experts(tokens[token_ids[order]], counts) * weights[order, None]
         return torch.zeros_like(tokens).index_add(0, token_ids[order], rows)
 
-    def _aux_loss(self, probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """``coef * E * sum_e f_e * P_e`` (Switch Transformer) with ``f_e`` (routed assignments, before any
-        capacity dropping) and the token count global over ``token_comm``; ``P_e`` is summed over this
-        rank's tokens only, divided by the global count, so the ranks' returns add up to the global loss."""
-        counts = torch.bincount(experts.reshape(-1), minlength=self.num_experts)  # int64: exact for any batch
-        stats = torch.cat([counts, counts.new_tensor([probs.shape[0]])])
+    def _aux_loss(self, probs: torch.Tensor, experts: torch.Tensor, rows: int) -> torch.Tensor:
+        """The sequence-wise balance loss ``coef * E * sum_e f_e * P_e`` of each of the ``rows`` sequences,
+        summed over them (as DeepSeek-V3's sequence-wise auxiliary loss; Switch Transformer's formula per
+        sequence).
+
+        ``f_e`` (routed assignments before any capacity dropping) and the token count are a sequence's, summed
+        over ``token_comm`` (the ranks holding other tokens of the *same* sequences); ``P_e`` is summed over
+        this rank's tokens only, divided by the sequence's count, so the ranks' returns add up to the loss.
+        Statistics per sequence make the loss independent of how sequences are grouped into micro-batches
+        and data-parallel ranks, so every layout trains the same model.
+        """
+        probs = probs.view(rows, -1, self.num_experts)  # [B, T, E]
+        assigned = experts.view(rows, -1)  # [B, T*k]
+        counts = torch.zeros(rows, self.num_experts, dtype=torch.int64, device=probs.device)
+        counts.scatter_add_(1, assigned, torch.ones_like(assigned))  # int64: exact for any length
+        stats = torch.cat([counts, counts.new_full((rows, 1), probs.shape[1])], dim=1)  # [B, E + 1]
         if self.token_comm is not None:
             stats = self.token_comm.all_reduce(stats)
         stats = stats.to(probs.dtype)
-        counts, num_tokens = stats[:-1], stats[-1]
-        fraction = counts / (num_tokens * self.top_k)  # f_e, no gradient
-        prob_share = probs.sum(0) / num_tokens  # this rank's part of P_e
+        counts, num_tokens = stats[:, :-1], stats[:, -1:]
+        fraction = counts / (num_tokens * self.top_k)  # f_e per sequence, no gradient
+        prob_share = probs.sum(1) / num_tokens  # this rank's part of P_e per sequence
         return self.aux_loss_coef * self.num_experts * (fraction * prob_share).sum()

@@ -56,7 +56,7 @@ def check_parallel_dims(cfg: ModelConfig, dims: ParallelDims) -> None:
 
 def parallelize_hybrid(model: HybridLM, dims: ParallelDims, comms: dict[MeshAxis, Communicator]) -> HybridLM:
     """Apply tensor parallelism over ``comms[tp]``, expert parallelism over ``comms[ep]`` and point the MoE
-    load-balancing statistics at ``comms[dp_sp]``; in place. Gradients are then reduced with
+    load-balancing statistics at ``comms[sp]``; in place. Gradients are then reduced with
     ``reduce_gradients(model, comms[dp_sp], comms[edp], comms[tp])``."""
     check_parallel_dims(model.config, dims)
     tp = comms[MeshAxis.TP]
@@ -82,7 +82,7 @@ def parallelize_hybrid(model: HybridLM, dims: ParallelDims, comms: dict[MeshAxis
         model.token_argmax = partial(vocab_parallel_argmax, comm=tp, vocab_start=vocab_start)
     for module in model.modules():
         if isinstance(module, MoE):
-            module.token_comm = comms[MeshAxis.DP_SP]
+            module.token_comm = comms[MeshAxis.SP]  # balance statistics per sequence
             if dims.ep > 1:
                 apply_expert_parallel(module, comms[MeshAxis.EP])
     return model

@@ -104,7 +104,9 @@ def job_parity(
     ids, labels = _batch()
     rows = slice(coords[MeshAxis.DP] * ROWS // dp, (coords[MeshAxis.DP] + 1) * ROWS // dp)
     normalizer = float((labels != IGNORE_INDEX).sum())  # the global target count
-    out = model(layout.shard(ids[rows], 1), layout.shard(labels[rows], 1), seq, loss_normalizer=normalizer)
+    out = model(
+        layout.shard(ids[rows], 1), layout.shard(labels[rows], 1), seq, loss_normalizer=normalizer, aux_normalizer=ROWS
+    )
     out.loss.backward()
     loss = token_comm.all_reduce(out.loss.detach())
     reduce_gradients(model, token_comm, comms[MeshAxis.EDP], comms[MeshAxis.TP])
@@ -233,7 +235,9 @@ def job_wrapped(mode: str) -> None:
     ids, labels = _batch()
     rows = slice(coords[MeshAxis.DP], coords[MeshAxis.DP] + 1)
     normalizer = float((labels != IGNORE_INDEX).sum())
-    out = model(layout.shard(ids[rows], 1), layout.shard(labels[rows], 1), seq, loss_normalizer=normalizer)
+    out = model(
+        layout.shard(ids[rows], 1), layout.shard(labels[rows], 1), seq, loss_normalizer=normalizer, aux_normalizer=ROWS
+    )
     out.loss.backward()
     _optimizer(model).step()
     _, ref_grads, ref_params = _reference(overrides)

@@ -1,6 +1,6 @@
 """The dependency direction of DESIGN.md section 1, checked on the source (no imports executed).
 
-config <- kernels <- parallel <- models <- train <- cli; integrations import the rest, never the reverse.
+config <- kernels <- parallel <- models <- data, train <- cli, launch; integrations import the rest, never the reverse.
 Kernels never import torch.distributed, config never imports torch, and optional extras are imported
 lazily (inside functions), never at module level.
 """
@@ -19,9 +19,11 @@ LAYER = {
     "kernels": 1,
     "parallel": 2,
     "models": 3,
+    "data": 4,
     "train": 4,
     "testing": 4,
     "cli": 5,
+    "launch": 5,
     "__main__": 6,
     "integrations": 6,
 }

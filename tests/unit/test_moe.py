@@ -47,8 +47,13 @@ def _reference(moe: MoE, x: torch.Tensor, capacity: int | None = None) -> tuple[
             row = row + _swiglu(tokens[t], s.gate_proj.weight.t(), s.up_proj.weight.t(), s.down_proj.weight.t())
         rows.append(row)
     out = torch.stack(rows).reshape(x.shape)
-    fraction = torch.bincount(torch.tensor(chosen), minlength=moe.num_experts).double() / len(chosen)
-    aux = moe.aux_loss_coef * moe.num_experts * (fraction * probs.mean(0)).sum()
+    # The sequence-wise balance loss, summed over the sequences (rows of x).
+    sequences = x.shape[0] if x.dim() == 3 else 1
+    per_sequence = torch.tensor(chosen).view(sequences, -1)
+    aux = 0.0
+    for s, seq_probs in enumerate(probs.view(sequences, -1, moe.num_experts)):
+        fraction = torch.bincount(per_sequence[s], minlength=moe.num_experts).double() / per_sequence.shape[1]
+        aux = aux + moe.aux_loss_coef * moe.num_experts * (fraction * seq_probs.mean(0)).sum()
     return out, aux
 
 
@@ -141,12 +146,12 @@ def test_aux_loss_hand_formula():
     _, aux = moe(x)
     p0 = (1 / (1 + math.exp(-a)) + 1 / (1 + math.exp(-c))) / 2  # mean router probability of expert 0
     _check("aux", aux, torch.tensor(coef * 2 * (1.0 * p0 + 0.0 * (1 - p0)), dtype=torch.float64))
-    # A uniform router gives P_e = 1/E, hence aux = coef * sum_e f_e = coef whatever the routing.
+    # A uniform router gives P_e = 1/E, hence aux = coef * sum_e f_e = coef per sequence whatever the routing.
     moe = MoE(8, 3, 4, 2, aux_loss_coef=coef).double()
     with torch.no_grad():
         moe.router.weight.zero_()
     _, aux = moe(torch.randn(3, 5, 8, dtype=torch.float64))
-    _check("aux uniform", aux, torch.tensor(coef, dtype=torch.float64))
+    _check("aux uniform", aux, torch.tensor(3 * coef, dtype=torch.float64))
 
 
 class _SummingComm:
@@ -167,10 +172,11 @@ def test_aux_shares_add_up_to_the_global_loss():
     x = torch.randn(2, 9, 8, dtype=torch.float64)
     _, whole = moe(x)
     shards = [x[:, :4], x[:, 4:]]  # uneven token counts per rank
-    stats = []
+    stats = []  # per sequence: expert counts and token count, [B, E + 1]
     for shard in shards:
-        experts = torch.softmax(moe.router(shard.reshape(-1, 8)), -1).topk(2).indices
-        stats.append(torch.cat([torch.bincount(experts.reshape(-1), minlength=4), torch.tensor([experts.shape[0]])]))
+        experts = torch.softmax(moe.router(shard), -1).topk(2).indices  # [B, T, k]
+        counts = torch.stack([torch.bincount(row.reshape(-1), minlength=4) for row in experts])
+        stats.append(torch.cat([counts, torch.full((2, 1), shard.shape[1])], dim=1))
     total = 0.0
     for i, shard in enumerate(shards):
         moe.token_comm = _SummingComm(stats[1 - i])

@@ -1,0 +1,268 @@
+"""The run configuration of ``distseq train``: typed sections, loaded strictly from YAML (no torch here).
+
+A run file holds the sections below; every key is optional except where a section says otherwise, and an
+unknown key anywhere is an error naming its dotted path. ``RunConfig.check(world_size)`` validates what
+needs no model or process group (degrees, batch arithmetic, sequence divisibility); the trainer adds the
+model-dependent checks, all before ``init_process_group``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from distseq.config.model import ModelConfig
+
+__all__ = [
+    "CheckpointConfig",
+    "DataConfig",
+    "MetricsConfig",
+    "OptimConfig",
+    "ParallelConfig",
+    "RunConfig",
+    "SyntheticConfig",
+    "TrainConfig",
+]
+
+SoftmaxStrategy = Literal["ring", "ulysses", "allgather_kv", "token_ring", "usp"]
+LinearStrategy = Literal["lasp2", "lasp1", "ulysses"]
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """How the ranks are split. ``dp`` defaults to what is left: ``world_size / (sp * tp)``.
+
+    Attributes:
+        dp, sp, tp, ep: data, sequence, tensor and expert parallel degrees (ep folded over dp x sp).
+        softmax_strategy, linear_strategy: the SP strategy of each layer type.
+        layout: the token layout of the whole model (``zigzag`` balances causal attention).
+        ulysses_degree: the head-parallel degree of ``usp`` (must divide sp); default: largest that fits.
+        data_parallel: how gradients of replicated weights are summed over dp x sp: ``reduce`` (one flat
+            all-reduce per group after backward; supports expert parallelism), ``ddp`` (torch DDP, overlapped
+            with backward) or ``fsdp`` (FSDP2, parameters and optimizer state sharded over dp x sp).
+        backend: process-group backend; ``auto`` = nccl when CUDA is available, else gloo.
+        collective_timeout_s: a collective that does not finish in this time fails the run, naming it.
+    """
+
+    dp: int | None = None
+    sp: int = 1
+    tp: int = 1
+    ep: int = 1
+    softmax_strategy: SoftmaxStrategy = "ring"
+    linear_strategy: LinearStrategy = "lasp2"
+    layout: Literal["contiguous", "zigzag"] = "zigzag"
+    ulysses_degree: int | None = None
+    data_parallel: Literal["reduce", "ddp", "fsdp"] = "reduce"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    collective_timeout_s: float = 300.0
+
+    def degrees(self, world_size: int) -> dict[str, int]:
+        """``{"dp", "sp", "tp", "ep"}`` for ``world_size`` ranks; ValueError naming the numbers if they do not fit."""
+        fixed = {"sp": self.sp, "tp": self.tp, "ep": self.ep}
+        bad = {k: v for k, v in fixed.items() if v < 1}
+        if bad or (self.dp is not None and self.dp < 1):
+            raise ValueError(f"parallel degrees must be >= 1, got {bad or {'dp': self.dp}}")
+        if world_size % (self.sp * self.tp):
+            raise ValueError(
+                f"world_size={world_size} is not divisible by sp * tp = {self.sp} * {self.tp} = {self.sp * self.tp}"
+            )
+        dp = self.dp if self.dp is not None else world_size // (self.sp * self.tp)
+        if dp * self.sp * self.tp != world_size:
+            raise ValueError(
+                f"dp * sp * tp must equal the world size: dp={dp} * sp={self.sp} * tp={self.tp} = "
+                f"{dp * self.sp * self.tp}, world_size={world_size}"
+            )
+        if (dp * self.sp) % self.ep:
+            raise ValueError(f"ep must divide dp * sp: ep={self.ep}, dp={dp}, sp={self.sp}")
+        return {"dp": dp, "sp": self.sp, "tp": self.tp, "ep": self.ep}
+
+
+@dataclass(kw_only=True)
+class SyntheticConfig:
+    """The multi-query associative recall task (``distseq.data.synthetic``): key-value pairs early in the
+    sequence, queries at its end, loss and accuracy on the answers only."""
+
+    num_pairs: int = 8
+    num_queries: int = 8
+    num_keys: int = 64
+    num_values: int = 16
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where sequences come from and how many make a step.
+
+    Attributes:
+        source: ``synthetic`` (the long-range recall task) or ``tokens`` (a file made by ``distseq data prepare``).
+        path: the token file (``tokens`` only).
+        seq_len: tokens per sequence (the sharded dimension).
+        global_batch: sequences per optimizer step, over all data-parallel ranks.
+        micro_batch: sequences per forward/backward on one rank; ``global_batch / (dp * micro_batch)``
+            micro-batches are accumulated per step.
+        pack_documents: pass the token file's document boundaries to the model (``cu_seqlens``); needs
+            micro_batch 1.
+        eval_samples: held-out sequences scored by each evaluation (loss, and greedy accuracy at the labelled
+            positions: the answers of the synthetic task); 0 = no evaluation.
+        eval_path: the held-out token file (``tokens`` only; without it a token run is not evaluated).
+        synthetic: the synthetic task's sizes.
+    """
+
+    source: Literal["synthetic", "tokens"] = "synthetic"
+    path: str | None = None
+    seq_len: int = 512
+    global_batch: int = 8
+    micro_batch: int = 1
+    pack_documents: bool = False
+    eval_samples: int = 16
+    eval_path: str | None = None
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self) -> None:
+        sizes = {"seq_len": self.seq_len, "global_batch": self.global_batch, "micro_batch": self.micro_batch}
+        bad = {k: v for k, v in sizes.items() if v < 1}
+        if bad:
+            raise ValueError(f"data sizes must be >= 1, got {bad}")
+        if self.source == "tokens" and not self.path:
+            raise ValueError("data.source 'tokens' needs data.path (a file made by `distseq data prepare`)")
+        if self.pack_documents and self.source != "tokens":
+            raise ValueError("data.pack_documents needs data.source 'tokens' (the synthetic task has no documents)")
+        if self.pack_documents and self.micro_batch != 1:
+            raise ValueError(
+                f"data.pack_documents needs micro_batch 1 (cu_seqlens describe one sequence), got {self.micro_batch}"
+            )
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to ``min_lr`` at the last step.
+
+    Weight decay applies to matrices (2-D and up) only, not to norms, biases or decays.
+    """
+
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"need 0 < lr and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"optim.max_grad_norm must be positive or null, got {self.max_grad_norm}")
+
+    def lr_at(self, step: int, total_steps: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based) of ``total_steps``."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        span = max(total_steps - self.warmup_steps, 1)
+        progress = min((step - self.warmup_steps) / span, 1.0)
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The loop.
+
+    Attributes:
+        steps: optimizer steps of the whole run (a resumed run stops at the same step).
+        seed: model initialisation (identical on every rank) and everything random.
+        dtype: ``auto`` = bf16 autocast on GPU, fp32 on CPU; or force ``float32`` / ``bfloat16``.
+        activation_checkpointing: recompute each block in backward instead of keeping its activations.
+        eval_every: evaluate every this many steps (and at the end); 0 = only at the end.
+        deterministic: ``torch.use_deterministic_algorithms`` (GPU kernels may be slower).
+    """
+
+    steps: int = 100
+    seed: int = 0
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    activation_checkpointing: bool = False
+    eval_every: int = 0
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.eval_every < 0:
+            raise ValueError(f"train.steps must be >= 1 and eval_every >= 0, got {self.steps}, {self.eval_every}")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """torch.distributed.checkpoint saves in ``<run dir>/checkpoints/step_XXXXXXXX`` (or ``dir``).
+
+    Attributes:
+        every: save every this many steps; 0 = only at the end.
+        keep: complete checkpoints to keep (oldest removed); 0 = all.
+        dir: where to save and look for ``--resume``; default ``<output_dir>/<name>/checkpoints``.
+    """
+
+    every: int = 0
+    keep: int = 2
+    dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.keep < 0:
+            raise ValueError(f"checkpoint.every and keep must be >= 0, got {self.every}, {self.keep}")
+
+
+@dataclass(kw_only=True)
+class MetricsConfig:
+    """Rank 0's logs: ``<run dir>/metrics.jsonl`` (one line per step), a progress line every ``print_every``
+    steps, optionally TensorBoard events; ``peak_tflops`` overrides the device's known bf16 peak for MFU."""
+
+    print_every: int = 1
+    tensorboard: bool = False
+    peak_tflops: float | None = None
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def check(self, world_size: int) -> dict[str, int]:
+        """Validate what needs neither a model nor a process group; returns the parallel degrees."""
+        deg = self.parallel.degrees(world_size)
+        per_dp = deg["dp"] * self.data.micro_batch
+        if self.data.global_batch % per_dp:
+            raise ValueError(
+                f"data.global_batch={self.data.global_batch} must be divisible by dp * micro_batch = "
+                f"{deg['dp']} * {self.data.micro_batch} = {per_dp}"
+            )
+        pieces = deg["sp"] * (2 if self.parallel.layout == "zigzag" else 1)
+        if self.data.seq_len % pieces:
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} must be divisible by {pieces} "
+                f"(sp={deg['sp']}, layout {self.parallel.layout!r})"
+            )
+        u = self.parallel.ulysses_degree
+        if u is not None and (self.parallel.softmax_strategy != "usp" or deg["sp"] % u):
+            raise ValueError(
+                f"parallel.ulysses_degree={u} needs softmax_strategy 'usp' and to divide sp={deg['sp']} "
+                f"(softmax_strategy={self.parallel.softmax_strategy!r})"
+            )
+        if self.parallel.data_parallel != "reduce" and deg["ep"] > 1:
+            raise ValueError(
+                f"expert parallelism (ep={deg['ep']}) needs parallel.data_parallel 'reduce' "
+                f"(got {self.parallel.data_parallel!r}): expert weights reduce over their own group"
+            )
+        return deg
+
+    @property
+    def run_dir(self) -> str:
+        return f"{self.output_dir}/{self.name}"
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or f"{self.run_dir}/checkpoints"

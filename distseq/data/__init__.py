@@ -1,0 +1,27 @@
+"""Training data: sources of fixed-length samples and the loader that shards them over dp x sp ranks.
+
+* :class:`RecallTask`: a synthetic multi-query associative recall task whose answers lie across SP shards.
+* :class:`TokenFile` / :class:`TokenFileSource`: memory-mapped token files written by :func:`prepare`
+  (``distseq data prepare``), cut into samples with packed-document ``cu_seqlens``.
+* :class:`ShardedLoader`: per optimizer step, this rank's micro-batches (:class:`Batch`), reading only the
+  positions its :class:`~distseq.parallel.layout.SequenceLayout` holds.
+"""
+
+from distseq.data.loader import Batch, Sample, SampleSource, ShardedLoader, layout_spans
+from distseq.data.prepare import prepare
+from distseq.data.synthetic import RecallTask
+from distseq.data.tokens import TokenFile, TokenFileSource, TokenFileWriter, token_dtype
+
+__all__ = [
+    "Batch",
+    "RecallTask",
+    "Sample",
+    "SampleSource",
+    "ShardedLoader",
+    "TokenFile",
+    "TokenFileSource",
+    "TokenFileWriter",
+    "layout_spans",
+    "prepare",
+    "token_dtype",
+]

@@ -1,0 +1,231 @@
+"""Layout-independent checkpoints with torch.distributed.checkpoint (DCP).
+
+Every parameter and AdamW state is saved as its *full logical tensor*, described (not gathered) by a DTensor
+over a checkpoint mesh ``(edp, ep, tp)`` of the world: tensor-parallel shards are ``Shard(dim)`` on ``tp``,
+expert shards ``Shard(0)`` on ``ep``, everything else replicated (DCP writes one copy). Loading builds the
+same description for the *current* layout, so DCP reads exactly the pieces each rank needs: a checkpoint
+saved under one (dp, sp, tp, ep) resumes under another. FSDP2 parameters (DTensors over dp x sp) are
+gathered to their tensor-parallel-local shape for the save and scattered back after a load.
+
+A checkpoint is a directory ``step_XXXXXXXX`` holding the DCP files, ``rng/rank<r>.pt`` (every rank's RNG
+state) and, written last, ``meta.json`` (step, scheduler, data position, layout, config): a directory
+without ``meta.json`` is incomplete and ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+from distseq.parallel.data import EXPERT_PARAM_ATTR
+from distseq.parallel.mesh import ParallelDims
+from distseq.parallel.tensor import TP_SHARD_DIM_ATTR
+
+__all__ = ["CheckpointManager", "ParamShard", "checkpoint_mesh", "param_shards"]
+
+META = "meta.json"
+
+
+@dataclass(frozen=True)
+class ParamShard:
+    """How a local parameter relates to its full tensor: expert-sharded (dim 0 over ep) and/or split over tp."""
+
+    expert: bool = False
+    tp_dim: int | None = None
+
+
+def param_shards(model: nn.Module) -> dict[str, ParamShard]:
+    """Each parameter's sharding, read from the marks the parallel plans leave; call before FSDP wraps the
+    parameters (it replaces them and drops the marks)."""
+    return {
+        name: ParamShard(bool(getattr(p, EXPERT_PARAM_ATTR, False)), getattr(p, TP_SHARD_DIM_ATTR, None))
+        for name, p in model.named_parameters()
+    }
+
+
+def checkpoint_mesh(dims: ParallelDims, device_type: str = "cpu"):
+    """The ``(edp, ep, tp)`` DeviceMesh over the world (ranks in ParallelDims order). Collective."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    names = ("ckpt_edp", "ckpt_ep", "ckpt_tp")
+    return init_device_mesh(device_type, (dims.edp, dims.ep, dims.tp), mesh_dim_names=names)
+
+
+def _placements(shard: ParamShard) -> list:
+    return [
+        Replicate(),
+        Shard(0) if shard.expert else Replicate(),
+        Shard(shard.tp_dim) if shard.tp_dim is not None else Replicate(),
+    ]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor-parallel-local value of ``t`` (an FSDP2 DTensor is gathered over its data-parallel mesh)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t.detach()
+
+
+def _write_back(t: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a tensor-parallel-local ``value`` into ``t`` (for an FSDP2 DTensor, into this rank's shard)."""
+    with torch.no_grad():
+        if isinstance(t, DTensor):
+            piece = distribute_tensor(value.to(t.device), t.device_mesh, t.placements, src_data_rank=None)
+            t.to_local().copy_(piece.to_local())
+        else:
+            t.copy_(value)
+
+
+def _ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """AdamW creates its state at the first step; a resume needs it to exist (zeros) to load into."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p not in optimizer.state or not optimizer.state[p]:
+                optimizer.state[p] = {
+                    "step": torch.tensor(0.0),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                }
+                if group.get("amsgrad"):
+                    optimizer.state[p]["max_exp_avg_sq"] = torch.zeros_like(p)
+
+
+class CheckpointManager:
+    """Save and load model + optimizer (DCP, resharding) and the run's small state (JSON, rank 0).
+
+    Args:
+        directory: where ``step_XXXXXXXX`` directories go.
+        model: the unwrapped module (not the DDP wrapper), parameter names as in ``shards``.
+        optimizer: a torch optimizer over ``model``'s parameters (AdamW state names).
+        shards: from :func:`param_shards`, taken before any FSDP wrapping.
+        mesh: from :func:`checkpoint_mesh`.
+        keep: complete checkpoints kept (0 = all).
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        shards: dict[str, ParamShard],
+        mesh,
+        *,
+        keep: int = 2,
+    ):
+        self.directory = Path(directory)
+        self.model, self.optimizer, self.shards, self.mesh, self.keep = model, optimizer, shards, mesh, keep
+        missing = sorted(set(dict(model.named_parameters())) - set(shards))
+        if missing:
+            raise ValueError(f"no sharding recorded for parameters {missing}; call param_shards before wrapping")
+
+    # -- the DCP state: full logical tensors described by DTensors ------------------------------------
+
+    def _dtensor(self, name: str, value: torch.Tensor) -> DTensor:
+        shard = self.shards[name]
+        local = value.detach().contiguous()
+        shape = list(local.shape)
+        if shard.expert:
+            shape[0] *= self.mesh.size(1)
+        if shard.tp_dim is not None:
+            shape[shard.tp_dim] *= self.mesh.size(2)
+        return DTensor.from_local(
+            local, self.mesh, _placements(shard), run_check=False, shape=torch.Size(shape), stride=_contiguous(shape)
+        )
+
+    def _state(self) -> tuple[dict[str, Any], list[tuple[torch.Tensor, str, torch.Tensor]]]:
+        """The DCP state dict and, for writing back after a load, (target, key, local buffer) triples."""
+        _ensure_optimizer_state(self.optimizer)
+        state: dict[str, Any] = {}
+        targets = []
+        params = dict(self.model.named_parameters())
+        for name, p in params.items():
+            local = _local(p).clone()
+            state[f"model.{name}"] = self._dtensor(name, local)
+            targets.append((p, f"model.{name}", local))
+            for key, value in self.optimizer.state[p].items():
+                full_key = f"optim.{name}.{key}"
+                if key == "step" or value.dim() == 0:
+                    buf = value.detach().clone()
+                    state[full_key] = buf
+                else:
+                    buf = _local(value).clone()
+                    state[full_key] = self._dtensor(name, buf)
+                targets.append((value, full_key, buf))
+        return state, targets
+
+    # -- save / load -----------------------------------------------------------------------------------
+
+    def save(self, step: int, meta: dict[str, Any]) -> Path:
+        """Save at ``step`` (collective); ``meta`` (JSON-able: scheduler, data position, config) goes to
+        ``meta.json``, written by rank 0 after every rank finished. Returns the directory."""
+        path = self.directory / f"step_{step:08d}"
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        state, _ = self._state()
+        dcp.save(state, checkpoint_id=str(path))
+        (path / "rng").mkdir(parents=True, exist_ok=True)
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, path / "rng" / f"rank{rank}.pt")
+        _barrier()
+        if rank == 0:
+            tmp = path / (META + ".tmp")
+            tmp.write_text(json.dumps({"step": step, **meta}, indent=1))
+            os.replace(tmp, path / META)
+            self._prune()
+        _barrier()
+        return path
+
+    def load(self, path: str | Path, *, restore_rng: bool) -> dict[str, Any]:
+        """Load model and optimizer from ``path`` into the current layout (collective); returns the meta
+        dict. ``restore_rng``: also restore this rank's RNG state (only meaningful under the same layout)."""
+        path = Path(path)
+        if not (path / META).exists():
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {META})")
+        meta = json.loads((path / META).read_text())
+        state, targets = self._state()
+        dcp.load(state, checkpoint_id=str(path))
+        for target, key, buf in targets:
+            loaded = state[key]
+            _write_back(target, loaded.to_local() if isinstance(loaded, DTensor) else loaded)
+            del buf
+        if restore_rng:
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            rng = torch.load(path / "rng" / f"rank{rank}.pt", weights_only=True)
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+        return meta
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint in the directory, or None."""
+        done = sorted(p for p in self.directory.glob("step_*") if (p / META).exists())
+        return done[-1] if done else None
+
+    def _prune(self) -> None:
+        if not self.keep:
+            return
+        done = sorted(p for p in self.directory.glob("step_*") if (p / META).exists())
+        for old in done[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _contiguous(shape: list[int]) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for size in reversed(shape):
+        stride.append(acc)
+        acc *= size
+    return tuple(reversed(stride))
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

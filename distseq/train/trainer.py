@@ -1,0 +1,486 @@
+"""``distseq train``: one training run from a :class:`~distseq.config.run.RunConfig`, under torchrun.
+
+The order matters and is the contract of the command:
+
+1. every check that needs no process group (config, parallel degrees against the world size and the model,
+   sequence divisibility, data source) runs first, so bad input fails before any collective;
+2. the process group (NCCL on GPU, gloo on CPU) with the configured collective timeout, the mesh and the
+   per-axis communicators;
+3. the model, built whole with the run's seed on every rank, then split by the TP/EP plan and wrapped for
+   data parallelism; AdamW; the loader; a checkpoint to resume from if asked;
+4. the loop: micro-batches accumulated under one global loss normaliser, gradients reduced, clipped by the
+   global norm, a warmup + cosine learning rate, metrics on rank 0, evaluation and checkpoints.
+
+A non-finite loss or gradient norm stops the run with :class:`TrainingDiverged` before the optimizer step,
+so the last checkpoint stays the last good one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distseq.config.loader import dump_yaml, to_dict
+from distseq.config.run import RunConfig
+from distseq.data.loader import ShardedLoader
+from distseq.models.hybrid import IGNORE_INDEX, HybridLM
+from distseq.models.parallelize import check_parallel_dims, parallelize_hybrid
+from distseq.parallel.comm import Communicator
+from distseq.parallel.data import TP_PARTIAL_ATTR, data_parallel, reduce_gradients
+from distseq.parallel.layout import SequenceLayout
+from distseq.parallel.mesh import MeshAxis, ParallelDims
+from distseq.parallel.sequence.context import SequenceParallel
+from distseq.train.checkpoint import CheckpointManager, checkpoint_mesh, param_shards
+from distseq.train.metrics import MetricsLogger, mfu, model_flops_per_sequence, peak_memory_bytes, peak_tflops
+
+__all__ = ["TrainingDiverged", "TrainResult", "run_training", "validate"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm is not finite; raised before the optimizer step touches the weights."""
+
+
+@dataclass
+class TrainResult:
+    """What rank 0 reports back: per-step global losses, the last evaluation, where things went."""
+
+    losses: list[float] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+    run_dir: str = ""
+    last_checkpoint: str | None = None
+    start_step: int = 0
+
+
+# -- 1. checks before any process group ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The validated run: degrees, layout kind, and the usp degree."""
+
+    dims: ParallelDims
+    ulysses_degree: int | None
+
+
+def validate(cfg: RunConfig, world_size: int) -> _Plan:
+    """Every check that needs no process group; raises ValueError naming the numbers."""
+    deg = cfg.check(world_size)
+    dims = ParallelDims(**deg, world_size=world_size)
+    check_parallel_dims(cfg.model, dims)
+    SequenceLayout(cfg.parallel.layout, cfg.data.seq_len, dims.sp, 0)  # sequence divisibility, named
+    ulysses = cfg.parallel.ulysses_degree
+    if cfg.parallel.softmax_strategy == "usp" and ulysses is None:
+        ulysses = math.gcd(dims.sp, cfg.model.num_kv_heads // dims.tp)
+    heads = {"num_heads": cfg.model.num_heads // dims.tp, "num_kv_heads": cfg.model.num_kv_heads // dims.tp}
+    needs_heads = {"ulysses": dims.sp, "usp": ulysses}.get(cfg.parallel.softmax_strategy)
+    if needs_heads and heads["num_heads"] % needs_heads:
+        raise ValueError(
+            f"softmax_strategy {cfg.parallel.softmax_strategy!r} splits heads over {needs_heads} ranks: "
+            f"num_heads/tp = {heads['num_heads']} is not divisible (tp={dims.tp})"
+        )
+    if cfg.parallel.linear_strategy == "ulysses" and heads["num_heads"] % dims.sp:
+        raise ValueError(f"linear_strategy 'ulysses' needs num_heads/tp={heads['num_heads']} divisible by sp={dims.sp}")
+    _make_source(cfg, eval_split=False)  # the data source's own checks (file exists, vocabulary fits)
+    if cfg.data.eval_samples and cfg.data.eval_samples % (dims.dp * cfg.data.micro_batch):
+        raise ValueError(
+            f"data.eval_samples={cfg.data.eval_samples} must be divisible by dp * micro_batch = "
+            f"{dims.dp} * {cfg.data.micro_batch}"
+        )
+    return _Plan(dims, ulysses)
+
+
+def _make_source(cfg: RunConfig, *, eval_split: bool):
+    """The sample source of the run (or of its evaluation); None where there is nothing to evaluate on."""
+    data = cfg.data
+    if data.source == "synthetic":
+        from distseq.data.synthetic import RecallTask
+
+        s = data.synthetic
+        seed = cfg.train.seed + (1_000_003 if eval_split else 0)  # held-out samples for evaluation
+        return RecallTask(
+            data.seq_len,
+            cfg.model.vocab_size,
+            num_pairs=s.num_pairs,
+            num_queries=s.num_queries,
+            num_keys=s.num_keys,
+            num_values=s.num_values,
+            seed=seed,
+        )
+    from distseq.data.tokens import TokenFileSource
+
+    path = data.eval_path if eval_split else data.path
+    if path is None:
+        return None
+    source = TokenFileSource(path, data.seq_len, documents=data.pack_documents)
+    if source.file.vocab_size > cfg.model.vocab_size:
+        raise ValueError(
+            f"token file {path!r} has vocab_size={source.file.vocab_size} > model.vocab_size={cfg.model.vocab_size}"
+        )
+    return source
+
+
+# -- 2. process group ---------------------------------------------------------------------------------------
+
+
+def _device_and_backend(cfg: RunConfig) -> tuple[torch.device, str]:
+    cuda = torch.cuda.is_available()
+    backend = cfg.parallel.backend
+    if backend == "auto":
+        backend = "nccl" if cuda else "gloo"
+    if backend == "nccl" and not cuda:
+        raise ValueError("parallel.backend 'nccl' needs CUDA; this machine has none (use 'gloo' or 'auto')")
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        return device, backend
+    return torch.device("cpu"), backend
+
+
+# -- 3./4. the run ------------------------------------------------------------------------------------------
+
+
+def run_training(cfg: RunConfig, *, resume: bool | str = False) -> TrainResult:
+    """Train as ``cfg`` says, in this process (one rank of a torchrun job, or alone); returns rank 0's record."""
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    plan = validate(cfg, world)
+    device, backend = _device_and_backend(cfg)
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        if world == 1 and "MASTER_ADDR" not in os.environ:  # a plain `python -m distseq train`
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
+        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.parallel.collective_timeout_s))
+    try:
+        return _Run(cfg, plan, device, resume).loop()
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Run:
+    """The state of one run on one rank."""
+
+    def __init__(self, cfg: RunConfig, plan: _Plan, device: torch.device, resume: bool | str):
+        self.cfg, self.device, self.dims = cfg, device, plan.dims
+        self.rank = dist.get_rank()
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        mesh = self.dims.build_mesh(device.type)
+        self.comms = self.dims.communicators(mesh)
+        coords = self.dims.coords(self.rank)
+        self.coords = coords
+
+        torch.manual_seed(cfg.train.seed)  # the same full model on every rank before it is split
+        model = HybridLM(cfg.model)
+        model.activation_checkpointing = cfg.train.activation_checkpointing
+        parallelize_hybrid(model, self.dims, self.comms)
+        model.to(device)
+        self.module = model
+        self.shards = param_shards(model)
+        self.model: nn.Module = model
+        mode = cfg.parallel.data_parallel
+        if mode != "reduce":
+            self.model = data_parallel(model, self.comms[MeshAxis.DP_SP], mode)
+
+        decay, no_decay = [], []
+        for p in self.module.parameters():
+            (decay if p.dim() >= 2 else no_decay).append(p)
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr,
+            betas=o.betas,
+            eps=o.eps,
+        )
+
+        layout = SequenceLayout(cfg.parallel.layout, cfg.data.seq_len, self.dims.sp, coords[MeshAxis.SP])
+        options = {"ulysses_degree": plan.ulysses_degree} if cfg.parallel.softmax_strategy == "usp" else {}
+        self.seq = SequenceParallel.build(
+            self.comms[MeshAxis.SP],
+            layout,
+            softmax=cfg.parallel.softmax_strategy,
+            linear=cfg.parallel.linear_strategy,
+            softmax_options=options,
+        )
+        loader_args = {"layout": layout, "dp": self.dims.dp, "dp_rank": coords[MeshAxis.DP]}
+        self.loader = ShardedLoader(
+            _make_source(cfg, eval_split=False),
+            global_batch=cfg.data.global_batch,
+            micro_batch=cfg.data.micro_batch,
+            **loader_args,
+        )
+        eval_source = _make_source(cfg, eval_split=True) if cfg.data.eval_samples else None
+        self.eval_loader = (
+            None
+            if eval_source is None
+            else ShardedLoader(
+                eval_source, global_batch=cfg.data.eval_samples, micro_batch=cfg.data.micro_batch, **loader_args
+            )
+        )
+        self.eval_chance = getattr(eval_source, "chance_accuracy", None)
+
+        self.step = 0
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt = CheckpointManager(
+            cfg.checkpoint_dir,
+            self.module,
+            self.optimizer,
+            self.shards,
+            checkpoint_mesh(self.dims, device.type),
+            keep=cfg.checkpoint.keep,
+        )
+        self.result = TrainResult(run_dir=str(self.run_dir))
+        if resume:
+            self._resume(resume)
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            resolved = replace(cfg, parallel=replace(cfg.parallel, dp=self.dims.dp))
+            dump_yaml(resolved, self.run_dir / "config.yaml")
+        self.flops_per_sequence = model_flops_per_sequence(cfg.model, cfg.data.seq_len)["total_train"]
+        self.peak = cfg.metrics.peak_tflops or (
+            peak_tflops(torch.cuda.get_device_name(device), self._compute_dtype()) if device.type == "cuda" else None
+        )
+        self.logger = MetricsLogger(
+            str(self.run_dir / "metrics.jsonl"),
+            rank=self.rank,
+            total_steps=cfg.train.steps,
+            tensorboard_dir=str(self.run_dir / "tensorboard") if cfg.metrics.tensorboard else None,
+            print_every=cfg.metrics.print_every,
+            start_step=self.step,
+        )
+
+    # -- resume ----------------------------------------------------------------------------------------
+
+    def _resume(self, resume: bool | str) -> None:
+        path = self.ckpt.latest() if resume is True else Path(resume)
+        if path is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint in {self.cfg.checkpoint_dir}")
+        same_layout = None
+        meta_path = Path(path) / "meta.json"
+        if meta_path.exists():
+            import json
+
+            saved = json.loads(meta_path.read_text())
+            same_layout = saved.get("world_size") == self.dims.world_size and saved.get("degrees") == self._degrees()
+        meta = self.ckpt.load(path, restore_rng=bool(same_layout))
+        self.step = int(meta["step"])
+        self.loader.load_state_dict(meta["loader"])
+        self.result.start_step = self.step
+        self.result.last_checkpoint = str(path)
+
+    def _degrees(self) -> dict[str, int]:
+        return {"dp": self.dims.dp, "sp": self.dims.sp, "tp": self.dims.tp, "ep": self.dims.ep}
+
+    def _save(self) -> None:
+        meta = {
+            "scheduler": {"kind": "warmup_cosine", "step": self.step},
+            "loader": self.loader.state_dict(),
+            "world_size": self.dims.world_size,
+            "degrees": self._degrees(),
+            "config": to_dict(self.cfg),
+        }
+        self.result.last_checkpoint = str(self.ckpt.save(self.step, meta))
+
+    # -- one step --------------------------------------------------------------------------------------
+
+    def _compute_dtype(self) -> torch.dtype:
+        want = self.cfg.train.dtype
+        if want == "bfloat16" or (want == "auto" and self.device.type == "cuda"):
+            return torch.bfloat16
+        return torch.float32
+
+    def _autocast(self):
+        dtype = self._compute_dtype()
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _sync_context(self, last: bool):
+        """Gradient synchronisation only on the last micro-batch (DDP no_sync, FSDP2 requires_gradient_sync)."""
+        mode = self.cfg.parallel.data_parallel
+        if mode == "ddp" and not last and hasattr(self.model, "no_sync"):
+            return self.model.no_sync()
+        if mode == "fsdp" and hasattr(self.model, "set_requires_gradient_sync"):
+            self.model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def _train_step(self) -> dict[str, Any]:
+        dp_sp, tp = self.comms[MeshAxis.DP_SP], self.comms[MeshAxis.TP]
+        micro = self.loader.next_step()
+        local_targets = sum(int((b.labels != IGNORE_INDEX).sum()) for b in micro)
+        targets = int(dp_sp.all_reduce(torch.tensor([local_targets], dtype=torch.int64, device=self.device))[0])
+        normalizer = float(max(targets, 1))
+        sequences = float(self.cfg.data.global_batch)
+        lm, aux = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro):
+            seq = self.seq.with_documents(batch.cu_seqlens) if batch.cu_seqlens is not None else self.seq
+            ids, labels = batch.input_ids.to(self.device), batch.labels.to(self.device)
+            with self._sync_context(i == len(micro) - 1), self._autocast():
+                # Both losses are this rank's share of the step's: tokens over all targets, the per-sequence
+                # balance loss over all sequences of the global batch.
+                out = self.model(ids, labels, seq, loss_normalizer=normalizer, aux_normalizer=sequences)
+                out.loss.backward()
+            lm += out.lm_loss.detach().float()
+            aux += out.aux_loss.detach().float()
+        if self.cfg.parallel.data_parallel == "reduce":
+            reduce_gradients(self.module, dp_sp, self.comms[MeshAxis.EDP], tp)
+        else:
+            _sum_tp_partial(self.module, tp)
+        totals = dp_sp.all_reduce(torch.stack([lm, aux]))  # the shares add up to the global values
+        loss = float(totals[0] + totals[1])
+        grad_norm = self._clip()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise TrainingDiverged(
+                f"non-finite training at step {self.step + 1}: loss={loss}, grad_norm={grad_norm}; stopped before "
+                f"the optimizer step. Last good checkpoint: {self.result.last_checkpoint or 'none saved yet'}"
+            )
+        lr = self.cfg.optim.lr_at(self.step, self.cfg.train.steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {
+            "loss": loss,
+            "lm_loss": float(totals[0]),
+            "aux_loss": float(totals[1]),
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "targets": targets,
+        }
+
+    def _clip(self) -> float:
+        """The global gradient norm (every logical parameter counted once), clipped to max_grad_norm."""
+        norm = global_grad_norm(self.module, self.shards, self.comms, fsdp=self.cfg.parallel.data_parallel == "fsdp")
+        max_norm = self.cfg.optim.max_grad_norm
+        if max_norm is not None and math.isfinite(norm) and norm > max_norm:
+            scale = max_norm / (norm + 1e-6)
+            for p in self.module.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        return norm
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss and greedy accuracy at the labelled positions of the held-out samples (the same samples every
+        time), global over dp x sp."""
+        dp_sp = self.comms[MeshAxis.DP_SP]
+        self.eval_loader.load_state_dict({"next_sample": 0, "seq_len": self.cfg.data.seq_len})
+        micro = self.eval_loader.next_step()
+        local_targets = sum(int((b.labels != IGNORE_INDEX).sum()) for b in micro)
+        targets = float(dp_sp.all_reduce(torch.tensor([local_targets], dtype=torch.float64))[0])
+        loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.module.eval()
+        try:
+            for batch in micro:
+                seq = self.seq.with_documents(batch.cu_seqlens) if batch.cu_seqlens is not None else self.seq
+                ids, labels = batch.input_ids.to(self.device), batch.labels.to(self.device)
+                with self._autocast():
+                    out = self.module(ids, labels, seq, loss_normalizer=max(targets, 1.0), aux_normalizer=1.0)
+                    where = labels != IGNORE_INDEX
+                    predicted = self.module.predict(ids, seq, where)
+                loss += out.lm_loss.double()
+                correct += (predicted == labels[where]).sum().double()
+        finally:
+            self.module.train()
+        totals = dp_sp.all_reduce(torch.stack([loss, correct]))
+        result = {"eval_loss": float(totals[0]), "eval_accuracy": float(totals[1]) / max(targets, 1.0)}
+        if self.eval_chance is not None:
+            result["eval_chance"] = self.eval_chance
+        return result
+
+    # -- the loop --------------------------------------------------------------------------------------
+
+    def _comm_snapshot(self) -> dict[str, int]:
+        stats = {name: s.bytes_sent for name, s in self.seq.comm_stats().items()}
+        for axis in (MeshAxis.TP, MeshAxis.EP, MeshAxis.DP_SP, MeshAxis.EDP):
+            stats[axis.value] = self.comms[axis].stats.bytes_sent
+        return stats
+
+    def loop(self) -> TrainResult:
+        cfg = self.cfg
+        tokens_per_step = cfg.data.global_batch * cfg.data.seq_len
+        try:
+            while self.step < cfg.train.steps:
+                before = self._comm_snapshot()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                start = time.perf_counter()
+                fields = self._train_step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                elapsed = time.perf_counter() - start
+                self.step += 1
+                after = self._comm_snapshot()
+                tflops = self.flops_per_sequence * cfg.data.global_batch / self.dims.world_size / elapsed / 1e12
+                fields.update(
+                    tokens_per_s=tokens_per_step / elapsed,
+                    step_time_s=elapsed,
+                    tflops_per_rank=tflops,
+                    mfu=mfu(tflops, self.peak),
+                    peak_memory_bytes=peak_memory_bytes(self.device),
+                    comm_bytes_sent={k: after[k] - before.get(k, 0) for k in after},
+                )
+                self.result.losses.append(fields["loss"])
+                last = self.step == cfg.train.steps
+                if self.eval_loader is not None and (
+                    last or (cfg.train.eval_every and self.step % cfg.train.eval_every == 0)
+                ):
+                    evaluation = self.evaluate()
+                    fields.update(evaluation)
+                    self.result.evals.append({"step": self.step, **evaluation})
+                self.logger.log(self.step, **fields)
+                if last or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
+                    self._save()
+        finally:
+            self.logger.close()
+        return self.result
+
+
+def _sum_tp_partial(model: nn.Module, tp: Communicator) -> None:
+    """Gradients of tp-replicated weights acting on tp-sharded activations are partial sums (DDP/FSDP mode)."""
+    if tp.size == 1:
+        return
+    for p in model.parameters():
+        if p.grad is not None and getattr(p, TP_PARTIAL_ATTR, False):
+            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            tp.all_reduce(g, inplace=True)
+
+
+def global_grad_norm(
+    model: nn.Module, shards: dict, comms: dict[MeshAxis, Communicator], *, fsdp: bool = False
+) -> float:
+    """The L2 norm of the full logical gradient: squares summed per sharding kind, each kind summed over the
+    axes it is split on (tp for tensor-parallel shards, ep for experts, dp x sp for FSDP shards), then added."""
+    device = next(model.parameters()).device
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # [replicated, tp-split, ep-split, tp+ep]
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+        shard = shards[name]
+        kind = (shard.tp_dim is not None) + 2 * shard.expert
+        sums[kind] += g.double().pow(2).sum()
+    if fsdp:
+        sums = comms[MeshAxis.DP_SP].all_reduce(sums)
+    split_tp = comms[MeshAxis.TP].all_reduce(sums[[1, 3]])
+    sums = torch.stack([sums[0], split_tp[0], sums[2], split_tp[1]])
+    split_ep = comms[MeshAxis.EP].all_reduce(sums[[2, 3]])
+    return float((sums[0] + sums[1] + split_ep.sum()).sqrt())
