@@ -178,3 +178,26 @@ def job_timeout() -> str:
 
 def test_a_missing_peer_fails_the_collective_with_rank_group_and_operation(worlds):
     assert worlds(2).run(job_timeout, timeout=60) == ["timed out", "skipped"]
+
+
+def test_packed_documents_from_a_token_file_under_every_layout(worlds, tmp_path):
+    """Documents cross sequence-shard boundaries; cu_seqlens reach every strategy; the losses match sp = 1."""
+    from distseq.data import prepare
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i in range(16):
+        (texts / f"{i:02d}.txt").write_text(f"doc {i} " + "abcdefghij"[i % 10] * (7 + 5 * i))
+    prepare([texts], tmp_path / "corpus")
+    tokens = [
+        "data.source=tokens",
+        f"data.path={tmp_path / 'corpus'}",
+        "data.pack_documents=true",
+        "data.eval_samples=0",
+        "model.vocab_size=260",
+        "train.steps=4",
+    ]
+    want = _losses(worlds, 1, tmp_path / "one", [*tokens, "parallel.sp=1"])
+    for overrides in (["parallel.sp=2"], ["parallel.sp=4", "parallel.softmax_strategy=token_ring"]):
+        got = _losses(worlds, 4, tmp_path / overrides[-1], [*tokens, *overrides])
+        _assert_close(got["losses"], want["losses"])

@@ -1,0 +1,94 @@
+"""`distseq train` and `distseq data prepare` as a user runs them: dry-run, config errors, a real run under
+torchrun, and a token file made from text files trained on with packed documents."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distseq.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "configs" / "runs" / "tiny-hybrid-cpu.yaml"
+SHORT = [
+    "data.seq_len=64",
+    "data.global_batch=4",
+    "data.micro_batch=1",
+    "data.eval_samples=4",
+    "data.synthetic.num_pairs=4",
+    "data.synthetic.num_queries=4",
+    "checkpoint.every=0",
+]
+
+
+def test_dry_run_prints_layout_memory_and_communication(capsys):
+    assert main(["train", "--config", str(TINY), "--dry-run", "--world-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "world_size=4 dp=2 sp=2 tp=1 ep=1" in out
+    assert "sp groups: [[0, 1], [2, 3]]" in out and "memory per rank" in out
+    assert "ring [send_recv" in out and "lasp2 [all_gather" in out and "total per step" in out
+
+
+def test_dry_run_rejects_a_layout_before_anything_starts(capsys):
+    with pytest.raises(ValueError, match=r"world_size=3 is not divisible by sp \* tp = 2"):
+        main(["train", "--config", str(TINY), "--dry-run", "--world-size", "3"])
+
+
+def test_config_errors_exit_2_naming_the_key(capsys, tmp_path):
+    assert main(["train", "--config", str(TINY), "parallel.spp=2"]) == 2
+    assert "unknown config key parallel.spp" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_train_under_torchrun_writes_metrics_config_and_a_checkpoint(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "distseq", "train", "--config", str(TINY)]
+    out = subprocess.run(
+        [*cmd, *SHORT, "train.steps=3", f"output_dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stderr.strip().splitlines()[-1])
+    assert summary["steps"] == 3 and summary["checkpoint"].endswith("step_00000003")
+    assert "step 3/3" in out.stderr and "eval_accuracy" in summary
+    run = tmp_path / "tiny-hybrid-cpu"
+    assert (run / "config.yaml").exists() and len((run / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_prepare_then_train_on_packed_documents(tmp_path, capsys):
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i in range(12):
+        text = f"Document {i}: " + "the quick brown fox jumps over the lazy dog. " * (i + 1)
+        (texts / f"doc{i:02d}.txt").write_text(text)
+    assert main(["data", "prepare", str(texts), "--output", str(tmp_path / "corpus")]) == 0
+    meta = json.loads((tmp_path / "corpus.json").read_text())
+    assert meta["vocab_size"] == 257 and meta["num_tokens"] > 64 * 8
+    overrides = [
+        *SHORT,
+        "data.source=tokens",
+        f"data.path={tmp_path / 'corpus'}",
+        "data.pack_documents=true",
+        "data.eval_samples=0",
+        "model.vocab_size=260",
+        "parallel.sp=1",
+        "train.steps=4",
+        f"output_dir={tmp_path / 'runs'}",
+    ]
+    assert main(["train", "--config", str(TINY), *overrides]) == 0
+    lines = (tmp_path / "runs" / "tiny-hybrid-cpu" / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["loss"] for line in lines]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    capsys.readouterr()
+    # The tokenizer's vocabulary must fit the model's.
+    with pytest.raises(ValueError, match=r"vocab_size=257 > model.vocab_size=96"):
+        main(["train", "--config", str(TINY), *overrides[:-2], "model.vocab_size=96", "train.steps=1"])
