@@ -102,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     from distseq.testing import DistributedWorld
 
     with DistributedWorld(args.nproc, timeout=3600, collective_timeout=1800) as world:
-        per_rank = world.run(
-            job, args.seq_len, args.layers, args.hidden, args.heads, args.chunk_size, args.checkpoint
-        )
+        per_rank = world.run(job, args.seq_len, args.layers, args.hidden, args.heads, args.chunk_size, args.checkpoint)
     write_json(args.out, vars(args), per_rank)
     print(
         f"{args.seq_len} tokens, {args.layers} gated linear-attention layers (hidden {args.hidden}, {args.heads} "

@@ -83,8 +83,8 @@ class SyntheticConfig:
     """The multi-query associative recall task (``distseq.data.synthetic``): key-value pairs early in the
     sequence, queries at its end, loss and accuracy on the answers only."""
 
-    num_pairs: int = 8
-    num_queries: int = 8
+    num_pairs: int = 4
+    num_queries: int = 4
     num_keys: int = 64
     num_values: int = 16
 

@@ -2,7 +2,9 @@
 
 * :class:`RecallTask`: a synthetic multi-query associative recall task whose answers lie across SP shards.
 * :class:`TokenFile` / :class:`TokenFileSource`: memory-mapped token files written by :func:`prepare`
-  (``distseq data prepare``), cut into samples with packed-document ``cu_seqlens``.
+  (``distseq data prepare``), cut into samples with packed-document ``cu_seqlens``. The re-exported function
+  hides the ``prepare`` module as an attribute of this package: reach the module (``add_arguments``,
+  ``main``) with ``importlib.import_module("distseq.data.prepare")``.
 * :class:`ShardedLoader`: per optimizer step, this rank's micro-batches (:class:`Batch`), reading only the
   positions its :class:`~distseq.parallel.layout.SequenceLayout` holds.
 """

@@ -10,7 +10,8 @@ twice) near the end, each followed by its value. The loss is on the query keys o
 value, which is also the next token of the sequence, so the task is ordinary next-token prediction with every
 other label ``IGNORE_INDEX``. Under a contiguous layout with ``sp`` ranks the pairs sit on rank 0 and the
 queries on rank ``sp - 1`` whenever both spans fit in ``seq_len / sp`` tokens, so answering needs attention
-across shards.
+across shards. (A zigzag layout gives the first and the last chunk to rank 0, so there the pairs and the
+queries share a rank.)
 
 Vocabulary (needs ``vocab_size >= num_keys + num_values + 1``): keys are tokens ``[0, num_keys)``, values
 ``[num_keys, num_keys + num_values)``, filler the rest ``[num_keys + num_values, vocab_size)``. Values are
@@ -41,7 +42,7 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def sample_generator(seed: int, index: int) -> torch.Generator:
+def _sample_generator(seed: int, index: int) -> torch.Generator:
     """A CPU generator seeded from ``(seed, index)`` alone; nearby seeds give unrelated streams."""
     return torch.Generator().manual_seed(_splitmix64(_splitmix64(seed & _MASK64) ^ (index & _MASK64)))
 
@@ -58,8 +59,9 @@ class RecallTask:
         num_values: size of the value alphabet (chance accuracy is ``1 / num_values``).
         seed: dataset seed.
 
-    The defaults (8 pairs, 16 values, vocabulary >= 81) are learnable by a 4-layer, 64-wide model in a
-    few hundred steps.
+    The defaults (4 pairs, 16 values, vocabulary >= 81) are small enough for a tiny model: a 4-layer,
+    64-wide softmax-attention model falls from chance loss ``ln 16 = 2.77`` to about 1.0 in 300 steps
+    (seq_len=64, batch 64, lr 3e-3); linear-attention-heavy patterns and more pairs take longer.
     """
 
     num_samples = None
@@ -70,7 +72,7 @@ class RecallTask:
         seq_len: int,
         vocab_size: int,
         *,
-        num_pairs: int = 8,
+        num_pairs: int = 4,
         num_queries: int | None = None,
         num_keys: int = 64,
         num_values: int = 16,
@@ -122,7 +124,7 @@ class RecallTask:
 
     def generate(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole sample ``index``: ``(input_ids [seq_len], labels [seq_len])``, int64."""
-        gen = sample_generator(self.seed, index)
+        gen = _sample_generator(self.seed, index)
         value_start = self.num_keys
         filler_start = self.num_keys + self.num_values
         keys = torch.randperm(self.num_keys, generator=gen)[: self.num_pairs]

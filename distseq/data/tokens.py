@@ -104,6 +104,10 @@ class TokenFile:
     def __len__(self) -> int:
         return self.num_tokens
 
+    def __reduce__(self):
+        # Pickle by path (e.g. into spawned workers): each process maps the file itself.
+        return (type(self), (self.json_path,))
+
     def read(self, start: int, end: int) -> torch.Tensor:
         """Tokens ``[start, end)`` as ``[end - start]`` int64."""
         if not 0 <= start <= end <= self.num_tokens:
@@ -123,7 +127,7 @@ class TokenFileWriter:
     Use as a context manager; an exception inside the block removes the partial files::
 
         with TokenFileWriter("data/train", vocab_size=257, tokenizer="byte", eos_id=256) as writer:
-            writer.append(b"hello")        # any iterable of ints; a document may arrive in pieces
+            writer.append(b"hello")        # a sequence of ints or bytes; a document may arrive in pieces
             writer.end_document()
     """
 

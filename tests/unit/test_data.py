@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
+import pickle
 import sys
 import types
 
@@ -16,10 +19,9 @@ from distseq.data import (
     TokenFileSource,
     TokenFileWriter,
     layout_spans,
-    prepare,
     token_dtype,
 )
-from distseq.data.prepare import BYTE_EOS, BYTE_VOCAB_SIZE
+from distseq.data.prepare import BYTE_EOS, BYTE_VOCAB_SIZE, prepare
 from distseq.models.hybrid import IGNORE_INDEX
 from distseq.parallel.layout import SequenceLayout
 
@@ -105,7 +107,7 @@ def test_recall_answers_are_recoverable_and_only_answers_have_labels(num_pairs, 
 
 @pytest.mark.parametrize("sp", [2, 4, 8])
 def test_recall_pairs_and_queries_on_different_contiguous_ranks(sp):
-    task = RecallTask(64, 256, num_pairs=4)
+    task = RecallTask(64, 256, num_pairs=4, num_queries=3)
     pair_ranks = {p * sp // 64 for p in range(2 * task.num_pairs)}
     query_ranks = {int(p) * sp // 64 for p in task.answer_positions}
     assert pair_ranks == {0} and query_ranks == {sp - 1}
@@ -117,7 +119,8 @@ def test_recall_rejects_bad_sizes():
     with pytest.raises(ValueError, match="num_pairs=2, num_queries=3"):
         RecallTask(64, 256, num_pairs=2, num_queries=3)
     with pytest.raises(ValueError, match="2\\*num_pairs=16 .* seq_len=16"):
-        RecallTask(16, 256)
+        RecallTask(16, 256, num_pairs=8)
+    RecallTask(16, 256, num_pairs=4)  # 8 pair tokens in the first half, 8 query tokens in the second
 
 
 def test_prepare_byte_round_trip(tmp_path):
@@ -220,6 +223,13 @@ def test_uint32_round_trip_and_vocabulary_check(tmp_path):
         write_documents(tmp_path / "bad", [[300]], vocab_size=257)
     with pytest.raises(ValueError, match="token id 70000 outside"):
         write_documents(tmp_path / "bad", [[70000]], vocab_size=257)
+
+
+def test_token_file_pickles_by_path(tmp_path):
+    token_file = write_documents(tmp_path / "t", [list(range(100))])
+    data = pickle.dumps(TokenFileSource(token_file, 10))
+    assert len(data) < 1000  # the path, not the tokens
+    assert pickle.loads(data).sample(3, [(0, 10)]).input_ids.tolist() == list(range(30, 40))
 
 
 def test_token_file_rejects_truncated_files(tmp_path):
@@ -395,3 +405,14 @@ def test_rank_reads_only_its_shard(tmp_path, sp, kind):
             # Exactly the held positions and the label token after each (none past the end of the file).
             assert set(read) == set(positions) | {p + 1 for p in positions if p + 1 < 64}
             assert len(read) == len(set(read))  # touching chunks are read as one range, no token twice
+
+
+def test_prepare_command_line(tmp_path, capsys):
+    prepare_module = importlib.import_module("distseq.data.prepare")  # the package attribute is the function
+    (tmp_path / "a.txt").write_text("ab\ncd\n")
+    parser = argparse.ArgumentParser()
+    prepare_module.add_arguments(parser)
+    args = parser.parse_args([str(tmp_path / "a.txt"), "--output", str(tmp_path / "out"), "--split-lines", "--no-eos"])
+    assert prepare_module.main(args) == 0
+    assert "wrote 4 tokens in 2 documents" in capsys.readouterr().out
+    assert TokenFile(tmp_path / "out.bin").read(0, 4).tolist() == list(b"abcd")
