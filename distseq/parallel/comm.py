@@ -453,8 +453,10 @@ class Communicator:
     def split(self, rank_groups: Sequence[Sequence[int]], *, name: str | None = None) -> Communicator:
         """Partition this group into sub-groups and return the one holding this rank.
 
-        ``rank_groups`` lists group-local ranks and must cover ``0 .. size-1`` exactly once. Every rank of this
-        group must call ``split`` with the same argument; ranks outside it need not take part.
+        ``rank_groups`` lists group-local ranks and must cover ``0 .. size-1`` exactly once. Collective over
+        the *world* (SPMD): every rank of the job calls ``split`` at the same point, each on its own parent
+        group (the sp group of each tp coordinate, say). The partitions of all parents are gathered, so every
+        rank creates every sub-group, in one order, as ``new_group`` requires.
         """
         flat = sorted(r for g in rank_groups for r in g)
         if flat != list(range(self.size)) or any(len(g) == 0 for g in rank_groups):
@@ -462,14 +464,19 @@ class Communicator:
                 f"split needs a partition of ranks 0..{self.size - 1} of group {self.name!r}, got {rank_groups}"
             )
         sub_name = name or f"{self.name}.split"
-        members = next(list(g) for g in rank_groups if self.rank in g)
         if self.group is None:
             return Communicator(name=sub_name)
-        # Only the members of a sub-group create it (local synchronisation), so a split of one sub-communicator
-        # (an sp group inside a tp x sp world, say) does not need the ranks outside it. Each rank creates exactly
-        # one group per split, which keeps torch's per-rank group counter, and so the hashed group names, in step.
-        pg = dist.new_group([self.ranks[r] for r in members], use_local_synchronization=True)
-        return Communicator(pg, name=sub_name)
+        partition = [[self.ranks[r] for r in g] for g in rank_groups]  # global ranks
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, partition)
+        groups = sorted({tuple(g) for part in every for g in part})
+        me, mine = dist.get_rank(), None
+        for members in groups:
+            pg = dist.new_group(list(members))
+            if me in members:
+                mine = Communicator(pg, name=sub_name)
+        assert mine is not None
+        return mine
 
     def split_grid(self, inner_size: int) -> tuple[Communicator, Communicator]:
         """Split into an inner grid axis of consecutive ranks and an outer axis of strided ranks.

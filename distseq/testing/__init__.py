@@ -76,7 +76,23 @@ def _worker(
             results.put((rank, job_id, "ok", fn(*args, **kwargs)))
         except BaseException:
             results.put((rank, job_id, "error", traceback.format_exc()))
+        _destroy_subgroups()
     dist.destroy_process_group()
+
+
+def _destroy_subgroups() -> None:
+    """Destroy the process groups a job created (meshes, per-axis groups). A long-lived world would otherwise
+    collect hundreds of groups, each with its own gloo threads, and slow every later job down."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    try:
+        dist.barrier()  # every rank is done with the job's groups before any is torn down
+    except Exception:  # a rank that failed or hung; the world is reported and recovered by the caller
+        return
+    for group in list(c10d._world.pg_map):
+        if group is not dist.GroupMember.WORLD:
+            dist.destroy_process_group(group)
 
 
 class DistributedWorld:
