@@ -140,25 +140,19 @@ class CheckpointManager:
             local, self.mesh, _placements(shard), run_check=False, shape=torch.Size(shape), stride=_contiguous(shape)
         )
 
-    def _state(self) -> tuple[dict[str, Any], list[tuple[torch.Tensor, str, torch.Tensor]]]:
-        """The DCP state dict and, for writing back after a load, (target, key, local buffer) triples."""
+    def _state(self) -> tuple[dict[str, Any], list[tuple[torch.Tensor, str]]]:
+        """The DCP state dict and, for writing back after a load, (target tensor, key) pairs."""
         _ensure_optimizer_state(self.optimizer)
         state: dict[str, Any] = {}
         targets = []
-        params = dict(self.model.named_parameters())
-        for name, p in params.items():
-            local = _local(p).clone()
-            state[f"model.{name}"] = self._dtensor(name, local)
-            targets.append((p, f"model.{name}", local))
+        for name, p in self.model.named_parameters():
+            state[f"model.{name}"] = self._dtensor(name, _local(p).clone())
+            targets.append((p, f"model.{name}"))
             for key, value in self.optimizer.state[p].items():
                 full_key = f"optim.{name}.{key}"
-                if key == "step" or value.dim() == 0:
-                    buf = value.detach().clone()
-                    state[full_key] = buf
-                else:
-                    buf = _local(value).clone()
-                    state[full_key] = self._dtensor(name, buf)
-                targets.append((value, full_key, buf))
+                scalar = key == "step" or value.dim() == 0  # replicated: a plain tensor, DCP writes one copy
+                state[full_key] = value.detach().clone() if scalar else self._dtensor(name, _local(value).clone())
+                targets.append((value, full_key))
         return state, targets
 
     # -- save / load -----------------------------------------------------------------------------------
@@ -184,26 +178,26 @@ class CheckpointManager:
         _barrier()
         return path
 
-    def load(self, path: str | Path, *, restore_rng: bool) -> dict[str, Any]:
-        """Load model and optimizer from ``path`` into the current layout (collective); returns the meta
-        dict. ``restore_rng``: also restore this rank's RNG state (only meaningful under the same layout)."""
+    def load(self, path: str | Path) -> dict[str, Any]:
+        """Load model and optimizer from ``path`` into the current layout (collective); returns the meta dict."""
         path = Path(path)
         if not (path / META).exists():
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no {META})")
         meta = json.loads((path / META).read_text())
         state, targets = self._state()
         dcp.load(state, checkpoint_id=str(path))
-        for target, key, buf in targets:
+        for target, key in targets:
             loaded = state[key]
             _write_back(target, loaded.to_local() if isinstance(loaded, DTensor) else loaded)
-            del buf
-        if restore_rng:
-            rank = dist.get_rank() if dist.is_initialized() else 0
-            rng = torch.load(path / "rng" / f"rank{rank}.pt", weights_only=True)
-            torch.set_rng_state(rng["cpu"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["cuda"])
         return meta
+
+    def restore_rng(self, path: str | Path) -> None:
+        """Restore this rank's RNG state saved in ``path`` (meaningful only under the layout that saved it)."""
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        rng = torch.load(Path(path) / "rng" / f"rank{rank}.pt", weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint in the directory, or None."""

@@ -185,7 +185,6 @@ class _Run:
         mesh = self.dims.build_mesh(device.type)
         self.comms = self.dims.communicators(mesh)
         coords = self.dims.coords(self.rank)
-        self.coords = coords
 
         torch.manual_seed(cfg.train.seed)  # the same full model on every rank before it is split
         model = HybridLM(cfg.model)
@@ -272,14 +271,9 @@ class _Run:
         path = self.ckpt.latest() if resume is True else Path(resume)
         if path is None:
             raise FileNotFoundError(f"--resume: no complete checkpoint in {self.cfg.checkpoint_dir}")
-        same_layout = None
-        meta_path = Path(path) / "meta.json"
-        if meta_path.exists():
-            import json
-
-            saved = json.loads(meta_path.read_text())
-            same_layout = saved.get("world_size") == self.dims.world_size and saved.get("degrees") == self._degrees()
-        meta = self.ckpt.load(path, restore_rng=bool(same_layout))
+        meta = self.ckpt.load(path)
+        if meta.get("world_size") == self.dims.world_size and meta.get("degrees") == self._degrees():
+            self.ckpt.restore_rng(path)  # each rank's own stream; meaningless under another layout
         self.step = int(meta["step"])
         self.loader.load_state_dict(meta["loader"])
         self.result.start_step = self.step
