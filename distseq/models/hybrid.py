@@ -38,6 +38,8 @@ class LMOutput:
     lm_loss: torch.Tensor  # sum of local token losses / loss_normalizer
     aux_loss: torch.Tensor  # sum over MoE layers of this rank's aux share / aux_normalizer
     num_tokens: int  # local target tokens (labels != -100)
+    #: with ``predict=True``: greedy next-token ids at the labelled positions, flattened in row order
+    predictions: torch.Tensor | None = None
 
 
 class Block(nn.Module):
@@ -126,10 +128,12 @@ class HybridLM(nn.Module):
         *,
         loss_normalizer: float | None = None,
         aux_normalizer: float | None = None,
+        predict: bool = False,
     ) -> LMOutput:
         """``input_ids``, ``labels``: ``[B, n]`` this rank's tokens in the layout's order, labels already the
         next tokens of the global sequence (-100 where none). ``loss_normalizer`` defaults to the local target
-        count and ``aux_normalizer`` to ``B`` (right for a single process and one micro-batch)."""
+        count and ``aux_normalizer`` to ``B`` (right for a single process and one micro-batch). ``predict``
+        also returns the greedy ids at the labelled positions (evaluation; only their logits are computed)."""
         if input_ids.shape != labels.shape:
             raise ValueError(f"input_ids and labels must match: {tuple(input_ids.shape)} vs {tuple(labels.shape)}")
         hidden, aux = self.hidden_states(input_ids, seq)
@@ -148,14 +152,11 @@ class HybridLM(nn.Module):
                 use_reentrant=False,
             )
         lm_loss = total / normalizer
-        return LMOutput(lm_loss + aux, lm_loss, aux, num_tokens)
-
-    @torch.no_grad()
-    def predict(self, input_ids: torch.Tensor, seq: SequenceParallel, where: torch.Tensor) -> torch.Tensor:
-        """Greedy next-token ids at the local positions ``where`` (bool ``[B, n]``), flattened in row order;
-        only those positions' logits are computed."""
-        hidden, _ = self.hidden_states(input_ids, seq)
-        return self.token_argmax(self.lm_head(hidden[where]))
+        predictions = None
+        if predict:
+            with torch.no_grad():
+                predictions = self.token_argmax(self.lm_head(hidden[labels != IGNORE_INDEX]))
+        return LMOutput(lm_loss + aux, lm_loss, aux, num_tokens, predictions)
 
     def _chunk_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.token_losses(self.lm_head(hidden), labels).sum()

@@ -15,7 +15,7 @@ from torch import nn
 
 from distseq.parallel.comm import Communicator
 
-__all__ = ["EXPERT_PARAM_ATTR", "TP_PARTIAL_ATTR", "data_parallel", "reduce_gradients"]
+__all__ = ["EXPERT_PARAM_ATTR", "TP_PARTIAL_ATTR", "data_parallel", "reduce_gradients", "sum_tp_partial_gradients"]
 
 #: set to True on parameters sharded by expert parallelism (by ``apply_expert_parallel``)
 EXPERT_PARAM_ATTR = "distseq_expert_parallel"
@@ -33,10 +33,8 @@ def reduce_gradients(
     """Sum every parameter's gradient over ``token_comm`` (``dp_sp``), or ``expert_data_comm`` (``edp``) for
     expert-parallel parameters, in place; first over ``tp_comm`` for tp-partial weights. One flat all-reduce
     per group and dtype."""
-    if tp_comm is not None and tp_comm.size > 1:
-        _sum_flat(
-            tp_comm, [p.grad for p in model.parameters() if p.grad is not None and getattr(p, TP_PARTIAL_ATTR, False)]
-        )
+    if tp_comm is not None:
+        sum_tp_partial_gradients(model, tp_comm)
     groups: dict[tuple[Communicator, torch.dtype], list[torch.Tensor]] = {}
     for p in model.parameters():
         if p.grad is None:
@@ -45,6 +43,15 @@ def reduce_gradients(
         groups.setdefault((comm, p.grad.dtype), []).append(p.grad)
     for (comm, _), grads in groups.items():
         _sum_flat(comm, grads)
+
+
+def sum_tp_partial_gradients(model: nn.Module, tp_comm: Communicator) -> None:
+    """Sum over tp the gradients of tp-replicated weights that act on tp-sharded activations (each tp rank holds
+    a partial sum), in place; also when DDP or FSDP2 reduces the rest (FSDP2 shards: their local parts)."""
+    if tp_comm.size == 1:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None and getattr(p, TP_PARTIAL_ATTR, False)]
+    _sum_flat(tp_comm, [g.to_local() if hasattr(g, "to_local") else g for g in grads])
 
 
 def _sum_flat(comm: Communicator, grads: list[torch.Tensor]) -> None:

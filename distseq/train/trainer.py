@@ -36,7 +36,7 @@ from distseq.data.loader import ShardedLoader
 from distseq.models.hybrid import IGNORE_INDEX, HybridLM
 from distseq.models.parallelize import check_parallel_dims, parallelize_hybrid
 from distseq.parallel.comm import Communicator
-from distseq.parallel.data import TP_PARTIAL_ATTR, data_parallel, reduce_gradients
+from distseq.parallel.data import data_parallel, reduce_gradients, sum_tp_partial_gradients
 from distseq.parallel.layout import SequenceLayout
 from distseq.parallel.mesh import MeshAxis, ParallelDims
 from distseq.parallel.sequence.context import SequenceParallel
@@ -318,13 +318,12 @@ class _Run:
     def _train_step(self) -> dict[str, Any]:
         dp_sp, tp = self.comms[MeshAxis.DP_SP], self.comms[MeshAxis.TP]
         micro = self.loader.next_step()
-        local_targets = sum(int((b.labels != IGNORE_INDEX).sum()) for b in micro)
-        targets = int(dp_sp.all_reduce(torch.tensor([local_targets], dtype=torch.int64, device=self.device))[0])
+        targets = self._global_targets(micro)
         normalizer = float(max(targets, 1))
         sequences = float(self.cfg.data.global_batch)
         lm, aux = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         for i, batch in enumerate(micro):
-            seq = self.seq.with_documents(batch.cu_seqlens) if batch.cu_seqlens is not None else self.seq
+            seq = self.seq.with_documents(batch.cu_seqlens)
             ids, labels = batch.input_ids.to(self.device), batch.labels.to(self.device)
             with self._sync_context(i == len(micro) - 1), self._autocast():
                 # Both losses are this rank's share of the step's: tokens over all targets, the per-sequence
@@ -336,7 +335,7 @@ class _Run:
         if self.cfg.parallel.data_parallel == "reduce":
             reduce_gradients(self.module, dp_sp, self.comms[MeshAxis.EDP], tp)
         else:
-            _sum_tp_partial(self.module, tp)
+            sum_tp_partial_gradients(self.module, tp)  # DDP/FSDP2 reduce the rest over dp x sp
         totals = dp_sp.all_reduce(torch.stack([lm, aux]))  # the shares add up to the global values
         loss = float(totals[0] + totals[1])
         grad_norm = self._clip()
@@ -359,6 +358,12 @@ class _Run:
             "targets": targets,
         }
 
+    def _global_targets(self, micro: list) -> int:
+        """Labelled tokens of this step's micro-batches over every rank holding different tokens (dp x sp)."""
+        local = sum(int((b.labels != IGNORE_INDEX).sum()) for b in micro)
+        count = torch.tensor([local], dtype=torch.int64, device=self.device)
+        return int(self.comms[MeshAxis.DP_SP].all_reduce(count)[0])
+
     def _clip(self) -> float:
         """The global gradient norm (every logical parameter counted once), clipped to max_grad_norm."""
         norm = global_grad_norm(self.module, self.shards, self.comms, fsdp=self.cfg.parallel.data_parallel == "fsdp")
@@ -377,21 +382,20 @@ class _Run:
         dp_sp = self.comms[MeshAxis.DP_SP]
         self.eval_loader.load_state_dict({"next_sample": 0, "seq_len": self.cfg.data.seq_len})
         micro = self.eval_loader.next_step()
-        local_targets = sum(int((b.labels != IGNORE_INDEX).sum()) for b in micro)
-        targets = float(dp_sp.all_reduce(torch.tensor([local_targets], dtype=torch.float64))[0])
+        targets = float(self._global_targets(micro))
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.float64, device=self.device)
         self.module.eval()
         try:
             for batch in micro:
-                seq = self.seq.with_documents(batch.cu_seqlens) if batch.cu_seqlens is not None else self.seq
+                seq = self.seq.with_documents(batch.cu_seqlens)
                 ids, labels = batch.input_ids.to(self.device), batch.labels.to(self.device)
                 with self._autocast():
-                    out = self.module(ids, labels, seq, loss_normalizer=max(targets, 1.0), aux_normalizer=1.0)
-                    where = labels != IGNORE_INDEX
-                    predicted = self.module.predict(ids, seq, where)
+                    out = self.module(
+                        ids, labels, seq, loss_normalizer=max(targets, 1.0), aux_normalizer=1.0, predict=True
+                    )
                 loss += out.lm_loss.double()
-                correct += (predicted == labels[where]).sum().double()
+                correct += (out.predictions == labels[labels != IGNORE_INDEX]).sum().double()
         finally:
             self.module.train()
         totals = dp_sp.all_reduce(torch.stack([loss, correct]))
@@ -446,16 +450,6 @@ class _Run:
         finally:
             self.logger.close()
         return self.result
-
-
-def _sum_tp_partial(model: nn.Module, tp: Communicator) -> None:
-    """Gradients of tp-replicated weights acting on tp-sharded activations are partial sums (DDP/FSDP mode)."""
-    if tp.size == 1:
-        return
-    for p in model.parameters():
-        if p.grad is not None and getattr(p, TP_PARTIAL_ATTR, False):
-            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-            tp.all_reduce(g, inplace=True)
 
 
 def global_grad_norm(
