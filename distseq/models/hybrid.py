@@ -42,6 +42,11 @@ class LMOutput:
     predictions: torch.Tensor | None = None
 
 
+# A pytree node, so wrappers that look for the output's tensors (FSDP2 registers its pre-backward hooks on them;
+# torch 2.11's FSDP2 finds tensors inside pytrees only) see the loss.
+torch.export.register_dataclass(LMOutput, serialized_type_name="distseq.LMOutput")
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_kind: str, mlp_kind: str):
         super().__init__()

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from distseq.utils.compat import all_gather_into, reduce_scatter_into
 from distseq.utils.nvtx import nvtx_range
 
 __all__ = ["CommHandle", "CommStats", "Communicator", "CommunicationError", "P2PExchange", "PrimitiveStats"]
@@ -265,7 +266,7 @@ class Communicator:
         volume = (self.size - 1) * _nbytes(x)
         return self._run(
             "all_gather",
-            lambda: dist.all_gather_single(out, x0, group=self.group, async_op=True),
+            lambda: all_gather_into(out, x0, group=self.group, async_op=True),
             lambda: out.movedim(0, dim),
             volume,
             volume,
@@ -293,7 +294,7 @@ class Communicator:
         volume = (self.size - 1) * _nbytes(out)
         return self._run(
             "reduce_scatter",
-            lambda: dist.reduce_scatter_single(out, x0, op=op, group=self.group, async_op=True),
+            lambda: reduce_scatter_into(out, x0, op=op, group=self.group, async_op=True),
             lambda: out.movedim(0, dim),
             volume,
             volume,

@@ -1,1 +1,1 @@
-"""Small helpers with no torch.distributed dependency (NVTX ranges)."""
+"""Small helpers below every other layer: NVTX ranges and the torch-release compatibility shims."""

@@ -111,3 +111,15 @@ def _module_path(name: str) -> Path:
 
 def test_every_module_is_checked():
     assert len(MODULES) > 10 and all(_package(p) in LAYER or _package(p) == "__init__" for p in MODULES)
+
+
+# torch APIs newer than the oldest supported torch (2.11): only distseq/utils/compat.py may name them.
+NEWER_THAN_OLDEST_TORCH = ("all_gather_single", "reduce_scatter_single")
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_newer_torch_apis_only_through_compat(path):
+    if path.relative_to(ROOT).parts == ("utils", "compat.py"):
+        return
+    used = [name for name in NEWER_THAN_OLDEST_TORCH if name in path.read_text()]
+    assert not used, f"{used} are newer than torch 2.11: call them through distseq.utils.compat"
