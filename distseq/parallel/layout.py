@@ -49,26 +49,36 @@ class Chunk:
         return slice(self.local_start, self.local_start + self.size)
 
 
-def _validate_cu_seqlens(cu_seqlens: torch.Tensor | Sequence[int], seq_len: int) -> torch.Tensor:
-    cu = torch.as_tensor(cu_seqlens)
-    if cu.dim() != 1 or cu.numel() < 2 or cu.is_floating_point() or cu.is_complex():
+def _document_offsets(cu_seqlens: torch.Tensor | Sequence[int], seq_len: int) -> tuple[int, ...]:
+    """Validated global document offsets as Python ints.
+
+    Plans are built from these integers, never from device values. A tensor is read once here with
+    ``tolist()``: free for a list or a CPU tensor; a CUDA tensor costs one device-to-host copy, so pass
+    ``cu_seqlens`` from the host (the data loader has them there).
+    """
+    if isinstance(cu_seqlens, torch.Tensor):
+        if cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point() or cu_seqlens.is_complex():
+            raise ValueError(
+                f"cu_seqlens must be a 1-D integer tensor of document offsets [0, ..., seq_len], got "
+                f"shape={tuple(cu_seqlens.shape)} dtype={cu_seqlens.dtype}"
+            )
+        offsets = cu_seqlens.tolist()
+    else:
+        offsets = list(cu_seqlens)
+    if len(offsets) < 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in offsets):
         raise ValueError(
-            f"cu_seqlens must be a 1-D integer tensor of document offsets [0, ..., seq_len], got "
-            f"shape={tuple(cu.shape)} dtype={cu.dtype}"
+            f"cu_seqlens must be a 1-D integer tensor or list of document offsets [0, ..., seq_len], got {offsets}"
         )
-    cu = cu.to(device="cpu", dtype=torch.int64)
-    if cu[0].item() != 0 or cu[-1].item() != seq_len:
+    if offsets[0] != 0 or offsets[-1] != seq_len:
         raise ValueError(
-            f"cu_seqlens must start at 0 and end at seq_len={seq_len}, got first={cu[0].item()} last={cu[-1].item()}"
+            f"cu_seqlens must start at 0 and end at seq_len={seq_len}, got first={offsets[0]} last={offsets[-1]}"
         )
-    steps = cu[1:] - cu[:-1]
-    if (steps <= 0).any():
-        bad = int(torch.nonzero(steps <= 0)[0].item())
-        raise ValueError(
-            f"cu_seqlens must be strictly increasing (no empty documents), got {cu[bad].item()} "
-            f"then {cu[bad + 1].item()} at index {bad}"
-        )
-    return cu
+    for i, (a, b) in enumerate(zip(offsets[:-1], offsets[1:], strict=True)):
+        if b <= a:
+            raise ValueError(
+                f"cu_seqlens must be strictly increasing (no empty documents), got {a} then {b} at index {i}"
+            )
+    return tuple(offsets)
 
 
 class SequenceLayout:
@@ -109,10 +119,16 @@ class SequenceLayout:
         self.sp_rank = sp_rank
         self.chunk_size = seq_len // self.num_chunks
         self.local_len = seq_len // sp_size
-        self.cu_seqlens = None if cu_seqlens is None else _validate_cu_seqlens(cu_seqlens, seq_len)
+        #: global document offsets as Python ints (plans are built from these), or None
+        self.doc_offsets = None if cu_seqlens is None else _document_offsets(cu_seqlens, seq_len)
+
+    @property
+    def cu_seqlens(self) -> torch.Tensor | None:
+        """Global document offsets ``[num_docs + 1]`` int64 on the CPU, or None without documents."""
+        return None if self.doc_offsets is None else torch.tensor(self.doc_offsets, dtype=torch.int64)
 
     def __repr__(self) -> str:
-        docs = "" if self.cu_seqlens is None else f", documents={self.cu_seqlens.numel() - 1}"
+        docs = "" if self.doc_offsets is None else f", documents={len(self.doc_offsets) - 1}"
         return (
             f"SequenceLayout({self.kind.value!r}, seq_len={self.seq_len}, sp_size={self.sp_size}, "
             f"sp_rank={self.sp_rank}{docs})"
@@ -125,19 +141,19 @@ class SequenceLayout:
         """
         if cu_seqlens is None:
             return self
-        cu = _validate_cu_seqlens(cu_seqlens, self.seq_len)
-        if self.cu_seqlens is not None:
-            if not torch.equal(cu, self.cu_seqlens):
+        offsets = _document_offsets(cu_seqlens, self.seq_len)
+        if self.doc_offsets is not None:
+            if offsets != self.doc_offsets:
                 raise ValueError(
-                    f"cu_seqlens {cu.tolist()} differs from the documents the layout was built with "
-                    f"{self.cu_seqlens.tolist()}"
+                    f"cu_seqlens {list(offsets)} differs from the documents the layout was built with "
+                    f"{list(self.doc_offsets)}"
                 )
             return self
-        return SequenceLayout(self.kind, self.seq_len, self.sp_size, self.sp_rank, cu)
+        return SequenceLayout(self.kind, self.seq_len, self.sp_size, self.sp_rank, offsets)
 
     def for_rank(self, sp_rank: int) -> SequenceLayout:
         """The same layout seen from another rank."""
-        return SequenceLayout(self.kind, self.seq_len, self.sp_size, sp_rank, self.cu_seqlens)
+        return SequenceLayout(self.kind, self.seq_len, self.sp_size, sp_rank, self.doc_offsets)
 
     def chunk_indices_of(self, sp_rank: int) -> list[int]:
         if self.kind is LayoutKind.CONTIGUOUS:
@@ -204,15 +220,21 @@ class SequenceLayout:
 
     def document_ids(self, device: torch.device | str | None = None) -> torch.Tensor | None:
         """Document index of each local token, ``[local_len]`` int64, or None without ``cu_seqlens``."""
-        if self.cu_seqlens is None:
+        if self.doc_offsets is None:
             return None
         pos = self.positions()
         return (torch.searchsorted(self.cu_seqlens, pos, right=True) - 1).to(device)
 
     def document_starts(self, device: torch.device | str | None = None) -> torch.Tensor | None:
         """Bool ``[local_len]``: True where a local token begins a document (state resets there)."""
-        if self.cu_seqlens is None:
+        if self.doc_offsets is None:
             return None
-        starts = torch.zeros(self.seq_len, dtype=torch.bool)
-        starts[self.cu_seqlens[:-1]] = True
-        return starts[self.positions()].to(device)
+        local = [
+            c.local_start + start - c.start
+            for c in self.local_chunks()
+            for start in self.doc_offsets[:-1]
+            if c.start <= start < c.end
+        ]
+        starts = torch.zeros(self.local_len, dtype=torch.bool)
+        starts[local] = True
+        return starts.to(device)
