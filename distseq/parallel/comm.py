@@ -354,6 +354,28 @@ class Communicator:
             async_op,
         )
 
+    def all_to_all_stacked(self, parts: torch.Tensor, *, async_op: bool = False) -> torch.Tensor | CommHandle:
+        """Send ``parts[j]`` to rank ``j`` and return ``received`` with ``received[j]`` from rank ``j``.
+
+        ``parts`` is ``[P, ...]``, contiguous (the caller packs it, e.g. q, k and v in one buffer, so the
+        exchange moves them in one collective with no copy here). Counted under ``all_to_all``.
+        """
+        if parts.shape[0] != self.size:
+            raise ValueError(f"all_to_all_stacked needs {self.size} parts along dim 0, got shape {tuple(parts.shape)}")
+        if self.size == 1:
+            return self._run("all_to_all", lambda: None, lambda: parts, 0, 0, async_op)
+        send = parts.contiguous()
+        recv = torch.empty_like(send)
+        volume = (self.size - 1) * _nbytes(send[0])
+        return self._run(
+            "all_to_all",
+            lambda: dist.all_to_all_single(recv, send, group=self.group, async_op=True),
+            lambda: recv,
+            volume,
+            volume,
+            async_op,
+        )
+
     def all_to_all_v(
         self, x: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int] | None = None
     ) -> tuple[torch.Tensor, list[int]]:

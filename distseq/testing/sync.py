@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import traceback
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["HOST_SYNC_OPS", "HostSyncError", "HostSyncRecorder", "no_host_sync"]
@@ -52,9 +51,16 @@ class HostSyncRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func.overloadpacket)
-        if name in HOST_SYNC_OPS and not (name == "aten.repeat_interleave" and (kwargs or {}).get("output_size")):
+        if name in HOST_SYNC_OPS and not _size_known(name, func, kwargs or {}):
             self.calls.append((str(func), "".join(traceback.format_stack(limit=12)[:-1])))
         return func(*args, **(kwargs or {}))
+
+
+def _size_known(name: str, func, kwargs: dict) -> bool:
+    # repeat_interleave with integer repeats, or with the output size given, needs no value from the device.
+    return name == "aten.repeat_interleave" and (
+        func._overloadname == "self_int" or kwargs.get("output_size") is not None
+    )
 
 
 class no_host_sync(HostSyncRecorder):  # noqa: N801 (used as a context manager, like torch.no_grad)

@@ -16,7 +16,14 @@ import torch
 
 from distseq.kernels.attention.mask import _check_positions, _kind_and_mask
 
-__all__ = ["attention_delta", "block_attention", "block_attention_backward"]
+__all__ = [
+    "attention_delta",
+    "block_attention",
+    "block_attention_backward",
+    "causal_mask",
+    "masked_attention",
+    "masked_attention_backward",
+]
 
 
 def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -118,12 +125,25 @@ def block_attention(
     """
     _check_qkv(q, k, v)
     q_pos, k_pos, q_doc, k_doc = _resolve_positions(q, k, q_pos, k_pos, q_doc, k_doc)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    _, mask = _kind_and_mask(q_pos, k_pos, causal, q_doc, k_doc)  # [Tq, Tk] or None when FULL
+    return masked_attention(q, k, v, mask, scale)
+
+
+def causal_mask(length: int, device: torch.device) -> torch.Tensor:
+    """``[T, T]`` lower-triangular mask of a block whose queries and keys are the same run of positions."""
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()
+
+
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`block_attention` with the ``[Tq, Tk]`` mask given (None: every pair allowed); reads no value
+    back to the host."""
     batch, q_len, heads, head_dim = q.shape
     kv_heads, k_len = k.shape[2], k.shape[1]
     group = heads // kv_heads
     dtype = _accum_dtype(q.dtype)
-    scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
-    _, mask = _kind_and_mask(q_pos, k_pos, causal, q_doc, k_doc)  # [Tq, Tk] or None when FULL
 
     q_grouped = _to_groups(q, kv_heads, dtype)  # [B, Hkv, G*Tq, D]
     k_heads_first = _kv_heads_first(k, dtype)  # [B, Hkv, Tk, D]
@@ -204,11 +224,29 @@ def block_attention_backward(
     if delta is not None and delta.shape != lse.shape:
         raise ValueError(f"delta must be [B, H, Tq]={(batch, heads, q_len)}, got {tuple(delta.shape)}")
     q_pos, k_pos, q_doc, k_doc = _resolve_positions(q, k, q_pos, k_pos, q_doc, k_doc)
+    scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
+    _, mask = _kind_and_mask(q_pos, k_pos, causal, q_doc, k_doc)
+    if delta is None:
+        delta = attention_delta(dout, out)
+    return masked_attention_backward(dout, q, k, v, lse, delta, mask, scale)
+
+
+def masked_attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`block_attention_backward` with the mask given and ``Dsum = delta``; reads no value back to the
+    host."""
+    batch, q_len, heads, _ = q.shape
     kv_heads = k.shape[2]
     group = heads // kv_heads
     dtype = _accum_dtype(q.dtype)
-    scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
-    _, mask = _kind_and_mask(q_pos, k_pos, causal, q_doc, k_doc)
 
     q_grouped = _to_groups(q, kv_heads, dtype)  # [B, Hkv, G*Tq, D]
     dout_grouped = _to_groups(dout, kv_heads, dtype)
@@ -226,8 +264,6 @@ def block_attention_backward(
 
     dv = torch.matmul(probs.transpose(-1, -2), dout_grouped)  # [B, Hkv, Tk, D]
     dprobs = torch.matmul(dout_grouped, v_heads_first.transpose(-1, -2))  # [B, Hkv, G*Tq, Tk]
-    if delta is None:
-        delta = attention_delta(dout, out)
     row_dot = delta.to(dtype).reshape(batch, kv_heads, group * q_len, 1)  # Dsum
     dscores = probs * (dprobs - row_dot)
     dq = torch.matmul(dscores, k_heads_first) * scale  # [B, Hkv, G*Tq, D]

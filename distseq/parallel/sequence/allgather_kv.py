@@ -12,15 +12,8 @@ import torch
 
 from distseq.kernels.attention import attention_delta
 from distseq.parallel.comm import Communicator
-from distseq.parallel.sequence._blocks import (
-    AttentionSpec,
-    attend,
-    attend_backward,
-    block_plan,
-    new_accumulators,
-    rank_spans,
-)
-from distseq.parallel.sequence.base import SequenceStrategy
+from distseq.parallel.sequence._blocks import AttentionSpec, Plan, attend, attend_backward, block_plan, new_accumulators
+from distseq.parallel.sequence.base import SequenceStrategy, autocast_off
 
 __all__ = ["AllGatherKVAttention"]
 
@@ -42,20 +35,22 @@ def allgather_kv_backward(spec, comm, dout, q, k, v, out, lse, plan):
     delta = attention_delta(dout, out)
     dq = torch.zeros_like(out)
     dkv = torch.zeros((2, *k_all.shape), dtype=out.dtype, device=k.device)
-    attend_backward(spec, dout, q, k_all, v_all, lse, delta, plan, dq, dkv[0], dkv[1])
+    attend_backward(spec, dout, q, k_all, v_all, out, lse, delta, plan, dq, dkv[0], dkv[1])
     dkv = comm.reduce_scatter(dkv, dim=2)  # every rank's contribution to our K/V, summed
     return dq, dkv[0], dkv[1]
 
 
 class _AllGatherKVAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, spec: AttentionSpec, comm: Communicator, plan: list):
+    @autocast_off
+    def forward(ctx, q, k, v, spec: AttentionSpec, comm: Communicator, plan: Plan):
         out, lse = allgather_kv_forward(spec, comm, q, k, v, plan)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.spec, ctx.comm, ctx.plan = spec, comm, plan
         return out.to(q.dtype)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = allgather_kv_backward(ctx.spec, ctx.comm, dout, q, k, v, out, lse, ctx.plan)
@@ -68,7 +63,5 @@ class AllGatherKVAttention(SequenceStrategy):
     name = "allgather_kv"
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
-        plan = block_plan(
-            spec, rank_spans(spec, [self.comm.rank], q.device), rank_spans(spec, range(self.comm.size), q.device)
-        )
+        plan = block_plan(spec, [self.comm.rank], range(self.comm.size))
         return _AllGatherKVAttention.apply(q, k, v, spec, self.comm, plan)

@@ -6,16 +6,32 @@ leaving some ranks waiting in a collective.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
+from distseq.kernels.attention.backends import ATTENTION_BACKENDS, AttentionBackend, attention_backend
 from distseq.parallel.comm import Communicator
 from distseq.parallel.layout import SequenceLayout
 from distseq.parallel.sequence._blocks import AttentionSpec
 
-__all__ = ["SequenceStrategy", "check_qkv", "check_qkv_length", "replicate_kv_heads"]
+__all__ = ["SequenceStrategy", "autocast_off", "check_qkv", "check_qkv_length", "replicate_kv_heads"]
+
+
+def autocast_off(method: Callable) -> Callable:
+    """Run an autograd Function's ``forward`` or ``backward`` with autocast disabled on the device of its
+    first tensor argument (any device type), so accumulators, LSE, merges and states stay fp32 whatever
+    autocast is active; the Function casts its results back to the input dtypes itself."""
+
+    @functools.wraps(method)
+    def wrapper(ctx, *args):
+        device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        with torch.autocast(device_type=device, enabled=False):
+            return method(ctx, *args)
+
+    return wrapper
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SequenceLayout) -> None:
@@ -70,17 +86,28 @@ class SequenceStrategy:
     """
 
     name: str = ""
-    #: Longest run of tokens attended as one block; longer chunks are tiled (bounds the score memory).
-    block_size: int = 2048
+    #: Longest run of tokens handed to the kernel as one span (None: the backend's own limit, if any).
+    block_size: int | None = None
 
-    def __init__(self, comm: Communicator, layout: SequenceLayout):
+    def __init__(self, comm: Communicator, layout: SequenceLayout, *, attention_backend: str = "auto"):
         if comm.size != layout.sp_size or comm.rank != layout.sp_rank:
             raise ValueError(
                 f"{self.name or type(self).__name__}: the communicator (rank {comm.rank} of {comm.size}) does "
                 f"not match the layout (sp_rank {layout.sp_rank} of sp {layout.sp_size})"
             )
+        if attention_backend not in ("auto", *ATTENTION_BACKENDS):
+            raise ValueError(
+                f"unknown attention backend {attention_backend!r}; choose one of {['auto', *ATTENTION_BACKENDS]}"
+            )
         self.comm = comm
         self.layout = layout
+        #: the local softmax kernel asked for: "auto" (per device and dtype), "sdpa", "flash_attn", "reference"
+        self.attention_backend = attention_backend
+
+    def resolve_attention_backend(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> AttentionBackend:
+        """The local kernel this strategy runs for inputs on ``device`` of ``dtype`` (ValueError when a backend
+        asked for by name cannot serve them)."""
+        return attention_backend(self.attention_backend, torch.device(device), dtype, head_dim)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(comm={self.comm!r}, layout={self.layout!r})"
@@ -137,9 +164,8 @@ class SequenceStrategy:
     ) -> AttentionSpec:
         """Validate a softmax-attention call and resolve its scale and documents (no collective)."""
         check_qkv(q, k, v, self.layout)
-        cu = self.layout.with_documents(cu_seqlens).cu_seqlens
-        doc_ids = None
-        if cu is not None:
-            doc_ids = torch.repeat_interleave(torch.arange(cu.numel() - 1), cu[1:] - cu[:-1])
+        docs = self.layout.with_documents(cu_seqlens).doc_offsets
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-        return AttentionSpec(self.layout, bool(causal), scale, doc_ids, self.block_size)
+        backend = self.resolve_attention_backend(q.device, q.dtype, q.shape[-1])
+        spans = [n for n in (self.block_size, backend.max_span) if n is not None]
+        return AttentionSpec(self.layout, bool(causal), scale, backend, docs, min(spans) if spans else None)

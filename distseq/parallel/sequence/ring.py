@@ -17,31 +17,23 @@ import torch
 
 from distseq.kernels.attention import attention_delta
 from distseq.parallel.comm import Communicator
-from distseq.parallel.sequence._blocks import (
-    AttentionSpec,
-    Span,
-    attend,
-    attend_backward,
-    block_plan,
-    new_accumulators,
-    rank_spans,
-)
-from distseq.parallel.sequence.base import SequenceStrategy
+from distseq.parallel.sequence._blocks import AttentionSpec, Plan, attend, attend_backward, block_plan, new_accumulators
+from distseq.parallel.sequence.base import SequenceStrategy, autocast_off
 
 __all__ = ["RingAttention", "ring_attention_backward", "ring_attention_forward"]
 
 _KV_TAG, _GRAD_TAG = 0, 1
 
 
-def ring_plans(
-    spec: AttentionSpec, comm: Communicator, q_spans: list[Span], kv_spans_of: Callable[[int], list[Span]]
-) -> list[list]:
-    """The block plan of every ring step: step ``s`` pairs our queries with ring rank ``r - s``'s keys."""
-    return [block_plan(spec, q_spans, kv_spans_of((comm.rank - s) % comm.size)) for s in range(comm.size)]
+def ring_plans(spec: AttentionSpec, comm: Communicator, sp_ranks_of: Callable[[int], list[int]]) -> list[Plan]:
+    """The block plan of every ring step: step ``s`` pairs our queries with ring rank ``r - s``'s keys, where
+    ``sp_ranks_of(ring_rank)`` lists the SP ranks whose tokens a ring rank holds."""
+    mine = sp_ranks_of(comm.rank)
+    return [block_plan(spec, mine, sp_ranks_of((comm.rank - s) % comm.size)) for s in range(comm.size)]
 
 
 def ring_attention_forward(
-    spec: AttentionSpec, comm: Communicator, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plans: list[list]
+    spec: AttentionSpec, comm: Communicator, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plans: list[Plan]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 ``(out [B, T, H, D], lse [B, H, T])`` of ``q`` against the K/V of every rank of ``comm``."""
     out, lse = new_accumulators(q)
@@ -65,7 +57,7 @@ def ring_attention_backward(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    plans: list[list],
+    plans: list[Plan],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """fp32 ``(dq, dk, dv)`` for this rank's q, k, v."""
     delta = attention_delta(dout, out)
@@ -78,7 +70,7 @@ def ring_attention_backward(
             next_kv = comm.send_recv(kv, 1, tag=_KV_TAG).commit()
         dk = torch.zeros(k.shape, dtype=out.dtype, device=k.device)
         dv = torch.zeros_like(dk)
-        attend_backward(spec, dout, q, kv[0], kv[1], lse, delta, plans[step], dq, dk, dv)
+        attend_backward(spec, dout, q, kv[0], kv[1], out, lse, delta, plans[step], dq, dk, dv)
         if in_flight is not None:
             # The block's accumulator from the ranks it visited before arrives while we computed.
             arrived_dk, arrived_dv = in_flight.wait()
@@ -93,13 +85,15 @@ def ring_attention_backward(
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, spec: AttentionSpec, comm: Communicator, plans: list[list]):
+    @autocast_off
+    def forward(ctx, q, k, v, spec: AttentionSpec, comm: Communicator, plans: list[Plan]):
         out, lse = ring_attention_forward(spec, comm, q, k, v, plans)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.spec, ctx.comm, ctx.plans = spec, comm, plans
         return out.to(q.dtype)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ring_attention_backward(ctx.spec, ctx.comm, dout, q, k, v, out, lse, ctx.plans)
@@ -112,6 +106,5 @@ class RingAttention(SequenceStrategy):
     name = "ring"
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
-        q_spans = rank_spans(spec, [self.comm.rank], q.device)
-        plans = ring_plans(spec, self.comm, q_spans, lambda src: rank_spans(spec, [src], q.device))
+        plans = ring_plans(spec, self.comm, lambda ring_rank: [ring_rank])
         return _RingAttention.apply(q, k, v, spec, self.comm, plans)

@@ -27,28 +27,20 @@ import torch
 from distseq.kernels.attention import attention_delta
 from distseq.kernels.merge import merge_attention_
 from distseq.parallel.comm import Communicator
-from distseq.parallel.sequence._blocks import (
-    AttentionSpec,
-    attend,
-    attend_backward,
-    block_plan,
-    new_accumulators,
-    rank_spans,
-)
-from distseq.parallel.sequence.base import SequenceStrategy
+from distseq.parallel.sequence._blocks import AttentionSpec, Plan, attend, attend_backward, block_plan, new_accumulators
+from distseq.parallel.sequence.base import SequenceStrategy, autocast_off
 
 __all__ = ["TokenRingAttention"]
 
 _Q_TAG, _RESULT_TAG = 0, 1
 
 
-def token_ring_plans(spec: AttentionSpec, comm: Communicator, device) -> tuple[list[list], list[bool]]:
+def token_ring_plans(spec: AttentionSpec, comm: Communicator) -> tuple[list[Plan], list[bool]]:
     """``visiting[s]``: the blocks of rank ``r - s``'s queries against our keys (computed here at step s);
     ``returning[s]``: whether rank ``r + s`` has a non-empty block for our queries (a partial comes back)."""
     p, r = comm.size, comm.rank
-    mine = rank_spans(spec, [r], device)
-    visiting = [block_plan(spec, rank_spans(spec, [(r - s) % p], device), mine) for s in range(p)]
-    returning = [bool(block_plan(spec, mine, rank_spans(spec, [(r + s) % p], device))) for s in range(p)]
+    visiting = [block_plan(spec, [(r - s) % p], [r]) for s in range(p)]
+    returning = [bool(block_plan(spec, [r], [(r + s) % p])) for s in range(p)]
     return visiting, returning
 
 
@@ -103,11 +95,11 @@ def token_ring_backward(spec, comm, dout, q, k, v, out, lse, visiting, returning
         if not last:
             next_bundle = comm.send_recv(bundle, 1, tag=_Q_TAG).commit()
         if step == 0:
-            attend_backward(spec, dout, q, k, v, lse, delta, visiting[0], dq, dk, dv)
+            attend_backward(spec, dout, q, k, v, out, lse, delta, visiting[0], dq, dk, dv)
         else:
             q_j, dout_j, lse_j, delta_j = bundle
             dq_part = torch.zeros(q_j.shape, dtype=out.dtype, device=q.device)
-            attend_backward(spec, dout_j, q_j, k, v, lse_j, delta_j, visiting[step], dq_part, dk, dv)
+            attend_backward(spec, dout_j, q_j, k, v, None, lse_j, delta_j, visiting[step], dq_part, dk, dv)
             exchange = None
             if visiting[step] or returning[step]:
                 exchange = comm.send_recv(
@@ -123,6 +115,7 @@ def token_ring_backward(spec, comm, dout, q, k, v, out, lse, visiting, returning
 
 class _TokenRingAttention(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, q, k, v, spec: AttentionSpec, comm: Communicator, visiting: list, returning: list):
         out, lse = token_ring_forward(spec, comm, q, k, v, visiting, returning)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -130,6 +123,7 @@ class _TokenRingAttention(torch.autograd.Function):
         return out.to(q.dtype)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = token_ring_backward(ctx.spec, ctx.comm, dout, q, k, v, out, lse, ctx.visiting, ctx.returning)
@@ -142,5 +136,5 @@ class TokenRingAttention(SequenceStrategy):
     name = "token_ring"
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
-        visiting, returning = token_ring_plans(spec, self.comm, q.device)
+        visiting, returning = token_ring_plans(spec, self.comm)
         return _TokenRingAttention.apply(q, k, v, spec, self.comm, visiting, returning)

@@ -1,6 +1,9 @@
 """Ulysses (DeepSpeed-Ulysses): all-to-all from sequence shards to head shards, full-sequence attention on
 ``heads / P`` heads, all-to-all back.
 
+q, k and v travel in ONE all-to-all (packed into one buffer, one copy each); the output comes back in one,
+and in the backward dout goes in one and dq, dk, dv come back in one.
+
 When the KV heads do not divide by ``P`` (GQA with few KV heads) each KV head is replicated by the smallest
 factor that makes them divide, and autograd sums the copies' gradients. Query heads must divide by ``P``.
 
@@ -21,27 +24,40 @@ from distseq.kernels.linear_attention.backends import linear_attention_backend
 from distseq.parallel import functional as F
 from distseq.parallel.comm import Communicator
 from distseq.parallel.layout import SequenceLayout
-from distseq.parallel.sequence._blocks import (
-    AttentionSpec,
-    attend,
-    attend_backward,
-    block_plan,
-    new_accumulators,
-    rank_spans,
-)
-from distseq.parallel.sequence.base import SequenceStrategy, check_qkv_length, replicate_kv_heads
+from distseq.parallel.sequence._blocks import AttentionSpec, Plan, attend, attend_backward, block_plan, new_accumulators
+from distseq.parallel.sequence.base import SequenceStrategy, autocast_off, check_qkv_length, replicate_kv_heads
 
 __all__ = ["UlyssesAttention", "check_head_sharding", "heads_to_seq", "seq_to_heads"]
 
 
-def seq_to_heads(comm: Communicator, x: torch.Tensor) -> torch.Tensor:
-    """``[B, n, H, D]`` sequence shard -> ``[B, n * P, H / P, D]`` head shard (ranks' tokens in rank order)."""
-    return comm.all_to_all(x, scatter_dim=2, gather_dim=1)
+def seq_to_heads(comm: Communicator, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Sequence shards ``[B, n, H_i, D]`` -> head shards ``[B, n * P, H_i / P, D]`` (ranks' tokens in rank
+    order), every tensor in one all-to-all. The results are views of the received buffer (copies for B > 1)."""
+    p = comm.size
+    batch, tokens, _, dim = tensors[0].shape
+    heads = [x.shape[2] // p for x in tensors]
+    # [P, B, n, sum(H_i) / P, D]: part j holds every tensor's j-th head slice; one copy per tensor
+    parts = [x.reshape(batch, tokens, p, h, dim).permute(2, 0, 1, 3, 4) for x, h in zip(tensors, heads, strict=True)]
+    send = torch.cat(parts, dim=3)
+    recv = comm.all_to_all_stacked(send)
+    full = recv.permute(1, 0, 2, 3, 4).reshape(batch, p * tokens, sum(heads), dim)
+    return list(full.split(heads, dim=2))
 
 
-def heads_to_seq(comm: Communicator, x: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`seq_to_heads`."""
-    return comm.all_to_all(x, scatter_dim=1, gather_dim=2)
+def heads_to_seq(comm: Communicator, *tensors: torch.Tensor, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Inverse of :func:`seq_to_heads`: head shards ``[B, n * P, H_i / P, D]`` -> ``[B, n, H_i, D]`` in
+    ``dtype`` (default: each tensor's own; all must then share one), every tensor in one all-to-all."""
+    p = comm.size
+    batch, total, _, dim = tensors[0].shape
+    tokens = total // p
+    heads = [x.shape[2] for x in tensors]
+    send = torch.empty(p, batch, tokens, sum(heads), dim, dtype=dtype or tensors[0].dtype, device=tensors[0].device)
+    offset = 0
+    for x, h in zip(tensors, heads, strict=True):  # one (casting) copy per tensor
+        send[:, :, :, offset : offset + h].copy_(x.reshape(batch, p, tokens, h, dim).transpose(0, 1))
+        offset += h
+    recv = comm.all_to_all_stacked(send).permute(1, 2, 0, 3, 4)  # [B, n, P, sum(H_i), D]
+    return [part.reshape(batch, tokens, p * h, dim) for part, h in zip(recv.split(heads, dim=3), heads, strict=True)]
 
 
 def check_head_sharding(name: str, heads: int, degree: int, axis: str) -> None:
@@ -54,43 +70,39 @@ def check_head_sharding(name: str, heads: int, degree: int, axis: str) -> None:
 
 def ulysses_forward(spec, comm, q, k, v, plan):
     """Head-sharded full-sequence attention: returns (fp32 out, lse, q, k, v) in head-shard layout."""
-    qh, kh, vh = seq_to_heads(comm, q), seq_to_heads(comm, k), seq_to_heads(comm, v)
+    qh, kh, vh = seq_to_heads(comm, q, k, v)
     out, lse = new_accumulators(qh)
     attend(spec, qh, kh, vh, plan, out, lse)
     return out, lse, qh, kh, vh
 
 
 def ulysses_backward(spec, comm, dout_h, qh, kh, vh, out, lse, plan):
-    """fp32 (dq, dk, dv) in head-shard layout."""
+    """fp32 (dq, dk, dv) in head-shard layout, as views of one buffer (so they travel back in one exchange)."""
     delta = attention_delta(dout_h, out)
-    dq = torch.zeros_like(out)
-    dk = torch.zeros(kh.shape, dtype=out.dtype, device=kh.device)
-    dv = torch.zeros_like(dk)
-    attend_backward(spec, dout_h, qh, kh, vh, lse, delta, plan, dq, dk, dv)
+    heads, kv_heads = qh.shape[2], kh.shape[2]
+    grads = torch.zeros(*qh.shape[:2], heads + 2 * kv_heads, qh.shape[3], dtype=out.dtype, device=qh.device)
+    dq, dk, dv = grads.split([heads, kv_heads, kv_heads], dim=2)
+    attend_backward(spec, dout_h, qh, kh, vh, out, lse, delta, plan, dq, dk, dv)
     return dq, dk, dv
 
 
 class _UlyssesAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, spec: AttentionSpec, comm: Communicator, plan: list):
+    @autocast_off
+    def forward(ctx, q, k, v, spec: AttentionSpec, comm: Communicator, plan: Plan):
         out, lse, qh, kh, vh = ulysses_forward(spec, comm, q, k, v, plan)
         ctx.save_for_backward(qh, kh, vh, out, lse)
         ctx.spec, ctx.comm, ctx.plan = spec, comm, plan
-        return heads_to_seq(comm, out.to(q.dtype))
+        return heads_to_seq(comm, out, dtype=q.dtype)[0]
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dout):
         qh, kh, vh, out, lse = ctx.saved_tensors
         comm = ctx.comm
-        dq, dk, dv = ulysses_backward(ctx.spec, comm, seq_to_heads(comm, dout), qh, kh, vh, out, lse, ctx.plan)
-        return (
-            heads_to_seq(comm, dq.to(qh.dtype)),
-            heads_to_seq(comm, dk.to(kh.dtype)),
-            heads_to_seq(comm, dv.to(vh.dtype)),
-            None,
-            None,
-            None,
-        )
+        (dout_h,) = seq_to_heads(comm, dout)
+        dq, dk, dv = ulysses_backward(ctx.spec, comm, dout_h, qh, kh, vh, out, lse, ctx.plan)
+        return *heads_to_seq(comm, dq, dk, dv, dtype=qh.dtype), None, None, None
 
 
 class UlyssesAttention(SequenceStrategy):
@@ -98,8 +110,16 @@ class UlyssesAttention(SequenceStrategy):
 
     name = "ulysses"
 
-    def __init__(self, comm: Communicator, layout: SequenceLayout, *, chunk_size: int = 64, backend: str = "torch"):
-        super().__init__(comm, layout)
+    def __init__(
+        self,
+        comm: Communicator,
+        layout: SequenceLayout,
+        *,
+        chunk_size: int = 64,
+        backend: str = "torch",
+        attention_backend: str = "auto",
+    ):
+        super().__init__(comm, layout, attention_backend=attention_backend)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.chunk_size = chunk_size  # for linear attention
@@ -108,9 +128,8 @@ class UlyssesAttention(SequenceStrategy):
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
         check_head_sharding("ulysses", q.shape[2], self.comm.size, "sp")
         k, v = replicate_kv_heads(k, v, q.shape[2], self.comm.size)
-        spans = rank_spans(spec, range(self.comm.size), q.device)
-        plan = block_plan(spec, spans, spans)
-        return _UlyssesAttention.apply(q, k, v, spec, self.comm, plan)
+        everyone = range(self.comm.size)
+        return _UlyssesAttention.apply(q, k, v, spec, self.comm, block_plan(spec, everyone, everyone))
 
     def linear_attention(
         self,

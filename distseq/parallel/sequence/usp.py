@@ -17,8 +17,8 @@ import torch
 
 from distseq.parallel.comm import Communicator
 from distseq.parallel.layout import SequenceLayout
-from distseq.parallel.sequence._blocks import AttentionSpec, rank_spans
-from distseq.parallel.sequence.base import SequenceStrategy, replicate_kv_heads
+from distseq.parallel.sequence._blocks import AttentionSpec
+from distseq.parallel.sequence.base import SequenceStrategy, autocast_off, replicate_kv_heads
 from distseq.parallel.sequence.ring import ring_attention_backward, ring_attention_forward, ring_plans
 from distseq.parallel.sequence.ulysses import check_head_sharding, heads_to_seq, seq_to_heads
 
@@ -27,28 +27,22 @@ __all__ = ["USPAttention"]
 
 class _USPAttention(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, q, k, v, spec: AttentionSpec, inner: Communicator, outer: Communicator, plans: list):
-        qh, kh, vh = seq_to_heads(inner, q), seq_to_heads(inner, k), seq_to_heads(inner, v)
+        qh, kh, vh = seq_to_heads(inner, q, k, v)
         out, lse = ring_attention_forward(spec, outer, qh, kh, vh, plans)
         ctx.save_for_backward(qh, kh, vh, out, lse)
         ctx.spec, ctx.inner, ctx.outer, ctx.plans = spec, inner, outer, plans
-        return heads_to_seq(inner, out.to(q.dtype))
+        return heads_to_seq(inner, out, dtype=q.dtype)[0]
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dout):
         qh, kh, vh, out, lse = ctx.saved_tensors
         inner = ctx.inner
-        dout_h = seq_to_heads(inner, dout)
+        (dout_h,) = seq_to_heads(inner, dout)
         dq, dk, dv = ring_attention_backward(ctx.spec, ctx.outer, dout_h, qh, kh, vh, out, lse, ctx.plans)
-        return (
-            heads_to_seq(inner, dq.to(qh.dtype)),
-            heads_to_seq(inner, dk.to(kh.dtype)),
-            heads_to_seq(inner, dv.to(vh.dtype)),
-            None,
-            None,
-            None,
-            None,
-        )
+        return *heads_to_seq(inner, dq, dk, dv, dtype=qh.dtype), None, None, None, None
 
 
 class USPAttention(SequenceStrategy):
@@ -56,8 +50,10 @@ class USPAttention(SequenceStrategy):
 
     name = "usp"
 
-    def __init__(self, comm: Communicator, layout: SequenceLayout, *, ulysses_degree: int):
-        super().__init__(comm, layout)
+    def __init__(
+        self, comm: Communicator, layout: SequenceLayout, *, ulysses_degree: int, attention_backend: str = "auto"
+    ):
+        super().__init__(comm, layout, attention_backend=attention_backend)
         if ulysses_degree < 1 or comm.size % ulysses_degree:
             raise ValueError(f"usp needs ulysses_degree dividing sp: ulysses_degree={ulysses_degree}, sp={comm.size}")
         self.ulysses_degree = ulysses_degree
@@ -72,8 +68,5 @@ class USPAttention(SequenceStrategy):
         check_head_sharding("usp", q.shape[2], u, "ulysses_degree")
         k, v = replicate_kv_heads(k, v, q.shape[2], u)
 
-        def group_spans(ring_rank: int):
-            return rank_spans(spec, [ring_rank * u + i for i in range(u)], q.device)
-
-        plans = ring_plans(spec, self.outer, group_spans(self.outer.rank), group_spans)
+        plans = ring_plans(spec, self.outer, lambda ring_rank: [ring_rank * u + i for i in range(u)])
         return _USPAttention.apply(q, k, v, spec, self.inner, self.outer, plans)

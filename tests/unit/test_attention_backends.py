@@ -1,0 +1,169 @@
+"""Local attention backends against the reference kernel, block by block, and the span plans against masks built
+from positions.
+
+The fused backend (``sdpa``) is compared with the reference for each block kind (FULL, CAUSAL), GQA ratios,
+head_dim 64 and 128, odd lengths, fp32 and bf16 inputs; the backward takes the *merged* out/lse of two blocks (as
+ring schedules do) and also ``delta`` instead of ``out``. Tolerances, relative to each tensor's max magnitude:
+fp32 2e-6 (two fp32 computations), bf16 inputs 2e-6 as well (both compute in fp32 on CPU); the magnitude is floored
+at 1 so that gradients that vanish exactly (one key) compare their rounding noise absolutely.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from distseq.kernels.attention import BlockKind, block_mask
+from distseq.kernels.attention.backends import ATTENTION_BACKENDS, attention_backend, select_attention_backend
+from distseq.kernels.merge import merge_attention
+from distseq.parallel.layout import SequenceLayout
+from distseq.parallel.sequence._blocks import AttentionSpec, block_plan, rank_spans
+from distseq.testing.sync import no_host_sync
+
+SDPA, REFERENCE = ATTENTION_BACKENDS["sdpa"], ATTENTION_BACKENDS["reference"]
+
+
+def _tensors(batch, q_len, k_len, heads, kv_heads, dim, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, q_len, heads, dim, generator=g).to(dtype)
+    k = torch.randn(batch, k_len, kv_heads, dim, generator=g).to(dtype)
+    v = torch.randn(batch, k_len, kv_heads, dim, generator=g).to(dtype)
+    dout = torch.randn(batch, q_len, heads, dim, generator=g).to(dtype)
+    return q, k, v, dout
+
+
+def _rel(got, want):
+    want = want.double()
+    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1.0)).item()
+
+
+CASES = list(
+    itertools.product([BlockKind.FULL, BlockKind.CAUSAL], [(4, 4), (4, 2), (4, 1)], [64, 128], [1, 37, 128])
+)
+
+
+@pytest.mark.parametrize(("kind", "heads", "dim", "length"), CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sdpa_matches_reference(kind, heads, dim, length, dtype):
+    q, k, v, dout = _tensors(2, length, length, *heads, dim, dtype)
+    scale = 0.7 * dim**-0.5
+    with no_host_sync():
+        ref_out, ref_lse = REFERENCE.forward(q, k, v, kind, scale)
+        out, lse = SDPA.forward(q, k, v, kind, scale)
+    assert lse.dtype == torch.float32 and lse.shape == (2, heads[0], length)
+    assert _rel(out, ref_out) < 2e-6 and _rel(lse, ref_lse) < 2e-6
+    with no_host_sync():
+        grads = SDPA.backward(dout, q, k, v, ref_out, ref_lse, kind, scale)
+        ref_grads = REFERENCE.backward(dout, q, k, v, ref_out, ref_lse, kind, scale)
+    for name, got, want in zip("qkv", grads, ref_grads, strict=True):
+        assert got.shape == want.shape, name
+        assert _rel(got, want) < 2e-6, (name, _rel(got, want))
+
+
+@pytest.mark.parametrize("name", ["sdpa", "reference"])
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2)])
+def test_backward_with_merged_out_and_lse(name, heads):
+    """Two key blocks (past FULL + diagonal CAUSAL) merged: per-block gradients taken with the merged out/lse
+    (or with delta instead of out) sum to the gradients of one attention over both blocks."""
+    backend = ATTENTION_BACKENDS[name]
+    q, k, v, dout = _tensors(2, 24, 48, *heads, 16, torch.float64 if name == "reference" else torch.float32)
+    past, diag = slice(0, 24), slice(24, 48)
+    out_a, lse_a = backend.forward(q, k[:, past], v[:, past], BlockKind.FULL, 0.25)
+    out_b, lse_b = backend.forward(q, k[:, diag], v[:, diag], BlockKind.CAUSAL, 0.25)
+    out, lse = merge_attention(out_a.double(), lse_a.double(), out_b.double(), lse_b.double())
+
+    # independent: autograd through one masked attention over all 48 keys (query i sits at position 24 + i)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    mask = block_mask(torch.arange(24, 48), torch.arange(48), causal=True)
+    qg, kg, vg = leaves
+    group = heads[0] // heads[1]
+    scores = torch.einsum("bqhd,bkhd->bhqk", qg, kg.repeat_interleave(group, 2)) * 0.25
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    want_out = torch.einsum("bhqk,bkhd->bqhd", probs, vg.repeat_interleave(group, 2))
+    want_out.backward(dout.double())
+    assert _rel(out, want_out) < 1e-6
+
+    delta = (dout.double() * out).sum(-1).transpose(1, 2)
+    for given_out, given_delta in ((out, None), (None, delta)):
+        dq = torch.zeros_like(leaves[0])
+        dk, dv = torch.zeros_like(leaves[1]), torch.zeros_like(leaves[2])
+        for keys, kind in ((past, BlockKind.FULL), (diag, BlockKind.CAUSAL)):
+            dq_b, dk_b, dv_b = backend.backward(
+                dout, q, k[:, keys], v[:, keys], given_out, lse, kind, 0.25, delta=given_delta
+            )
+            dq += dq_b
+            dk[:, keys] += dk_b
+            dv[:, keys] += dv_b
+        for label, got, leaf in zip("qkv", (dq, dk, dv), leaves, strict=True):
+            assert _rel(got, leaf.grad) < 1e-5, (label, given_out is None, _rel(got, leaf.grad))
+
+
+def test_auto_choice_and_named_errors():
+    cpu = torch.device("cpu")
+    assert select_attention_backend(cpu, torch.float32, 64).name == "sdpa"
+    assert select_attention_backend(cpu, torch.bfloat16, 64).name == "sdpa"
+    assert select_attention_backend(cpu, torch.float64, 64).name == "reference"
+    assert attention_backend("reference", cpu, torch.float32, 64).name == "reference"
+    with pytest.raises(ValueError, match=r"unknown attention backend 'flash'; choose one of \['auto', 'sdpa'"):
+        attention_backend("flash", cpu, torch.float32, 64)
+    with pytest.raises(ValueError, match=r"attention backend 'flash_attn' cannot serve torch.float32 on cpu"):
+        attention_backend("flash_attn", cpu, torch.float32, 64)
+    reason = SDPA.unavailable(torch.device("cuda"), torch.float32, 64)
+    assert "fp16/bf16 only" in reason
+
+
+def _mask_from_positions(layout, docs, causal, q_ranks, k_ranks):
+    """Independent truth: the [Tq, Tk] mask of the concatenated tokens of q_ranks vs k_ranks."""
+    order = [torch.cat([layout.for_rank(r).positions() for r in ranks]) for ranks in (q_ranks, k_ranks)]
+    doc = None
+    if docs is not None:
+        cu = torch.tensor(docs)
+        doc = [torch.searchsorted(cu, pos, right=True) - 1 for pos in order]
+    mask = block_mask(order[0], order[1], causal=causal, q_doc=None if doc is None else doc[0],
+                      k_doc=None if doc is None else doc[1])  # fmt: skip
+    return torch.ones(len(order[0]), len(order[1]), dtype=torch.bool) if mask is None else mask
+
+
+def test_plans_reproduce_the_position_mask():
+    """Every (query span, key span) pair of a plan is all-allowed (FULL) or the aligned lower triangle (CAUSAL),
+    every pair left out is all-forbidden: for random layouts, documents, causality and span limits."""
+    rng = random.Random(0)
+    for trial in range(300):
+        sp = rng.choice([1, 2, 3, 4])
+        kind = rng.choice(["contiguous", "zigzag"])
+        chunks = sp if kind == "contiguous" else 2 * sp
+        seq_len = chunks * rng.randint(1, 9)
+        docs = None
+        if rng.random() < 0.7 and seq_len > 1:
+            inner = sorted(rng.sample(range(1, seq_len), rng.randint(0, min(6, seq_len - 1))))
+            docs = (0, *inner, seq_len)
+        causal = rng.random() < 0.75
+        max_span = rng.choice([None, 1, 2, 3, 5])
+        layout = SequenceLayout(kind, seq_len, sp, 0, docs)
+        spec = AttentionSpec(layout, causal, 1.0, REFERENCE, docs, max_span)
+        q_ranks = rng.sample(range(sp), rng.randint(1, sp))
+        k_ranks = rng.sample(range(sp), rng.randint(1, sp))
+        truth = _mask_from_positions(layout, docs, causal, q_ranks, k_ranks)
+        covered = torch.zeros_like(truth)
+        for qs, ks, pair_kind in block_plan(spec, q_ranks, k_ranks):
+            assert max_span is None or (qs.length <= max_span and ks.length <= max_span)
+            block = truth[qs.local, ks.local]
+            if pair_kind is BlockKind.FULL:
+                assert block.all(), (trial, qs, ks)
+            else:
+                assert pair_kind is BlockKind.CAUSAL and qs.length == ks.length, (trial, qs, ks)
+                assert torch.equal(block, torch.ones_like(block).tril()), (trial, qs, ks)
+            assert not covered[qs.local, ks.local].any(), "pairs overlap"
+            covered[qs.local, ks.local] = True
+        assert torch.equal(truth & ~covered, torch.zeros_like(truth)), f"trial {trial}: an allowed pair is missing"
+        spans = rank_spans(spec, q_ranks)
+        assert sum(s.length for s in spans) == len(q_ranks) * layout.local_len
+
+
+def test_plans_are_cached():
+    layout = SequenceLayout("zigzag", 64, 4, 0, (0, 5, 40, 64))
+    spec = AttentionSpec(layout, True, 1.0, SDPA, layout.doc_offsets, None)
+    assert block_plan(spec, [0], [1, 2]) is block_plan(spec, [0], [1, 2])
