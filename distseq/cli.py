@@ -29,6 +29,21 @@ def _module_available(name: str) -> bool:
         return False
 
 
+def _auto_attention_backends() -> dict[str, str]:
+    """What ``attention_backend="auto"`` runs here, per device and dtype."""
+    import torch
+
+    from distseq.kernels.attention.backends import select_attention_backend
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    return {
+        f"{device} {str(dtype).removeprefix('torch.')}": select_attention_backend(torch.device(device), dtype, 128).name
+        for device in devices
+        for dtype in dtypes
+    }
+
+
 def _cmd_env(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
@@ -41,6 +56,7 @@ def _cmd_env(args: argparse.Namespace) -> int:
         "gpus": torch.cuda.device_count(),
         "backends": {"gloo": dist.is_gloo_available(), "nccl": dist.is_nccl_available()},
         "optional": {name: _module_available(name) for name in _OPTIONAL},
+        "attention_backend_auto": _auto_attention_backends(),
     }
     print(json.dumps(info, indent=2))
     return 0

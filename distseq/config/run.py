@@ -36,6 +36,9 @@ class ParallelConfig:
     Attributes:
         dp, sp, tp, ep: data, sequence, tensor and expert parallel degrees (ep folded over dp x sp).
         softmax_strategy, linear_strategy: the SP strategy of each layer type.
+        attention_backend: the local kernel of the softmax layers: ``auto`` (flash-attn, else torch's fused
+            flash ops, for the device and dtype; the reference kernel for fp64), ``sdpa``, ``flash_attn`` or
+            ``reference``. A backend named here that cannot serve the run's device and dtype is an error.
         layout: the token layout of the whole model (``zigzag`` balances causal attention).
         ulysses_degree: the head-parallel degree of ``usp`` (must divide sp); default: largest that fits.
         data_parallel: how gradients of replicated weights are summed over dp x sp: ``reduce`` (one flat
@@ -51,6 +54,7 @@ class ParallelConfig:
     ep: int = 1
     softmax_strategy: SoftmaxStrategy = "ring"
     linear_strategy: LinearStrategy = "lasp2"
+    attention_backend: Literal["auto", "sdpa", "flash_attn", "reference"] = "auto"
     layout: Literal["contiguous", "zigzag"] = "zigzag"
     ulysses_degree: int | None = None
     data_parallel: Literal["reduce", "ddp", "fsdp"] = "reduce"

@@ -210,7 +210,9 @@ class _Run:
         )
 
         layout = SequenceLayout(cfg.parallel.layout, cfg.data.seq_len, self.dims.sp, coords[MeshAxis.SP])
-        options = {"ulysses_degree": plan.ulysses_degree} if cfg.parallel.softmax_strategy == "usp" else {}
+        options = {"attention_backend": cfg.parallel.attention_backend}
+        if cfg.parallel.softmax_strategy == "usp":
+            options["ulysses_degree"] = plan.ulysses_degree
         self.seq = SequenceParallel.build(
             self.comms[MeshAxis.SP],
             layout,
@@ -256,6 +258,15 @@ class _Run:
         self.peak = cfg.metrics.peak_tflops or (
             peak_tflops(torch.cuda.get_device_name(device), self._compute_dtype()) if device.type == "cuda" else None
         )
+        # Fails here, before the first step, when a backend named in the config cannot serve this run.
+        kernel = self.seq.softmax.resolve_attention_backend(device, self._compute_dtype(), cfg.model.head_dim)
+        if self.rank == 0:
+            print(
+                f"softmax layers: {self.seq.softmax.name} with the {kernel.name!r} local attention kernel "
+                f"(parallel.attention_backend={cfg.parallel.attention_backend}, {self._compute_dtype()} on "
+                f"{device.type}); linear layers: {self.seq.linear.name}",
+                flush=True,
+            )
         self.logger = MetricsLogger(
             str(self.run_dir / "metrics.jsonl"),
             rank=self.rank,
