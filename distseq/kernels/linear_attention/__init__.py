@@ -4,7 +4,7 @@
 """
 
 from distseq.kernels.linear_attention._gates import check_inputs as check_linear_attention_inputs
-from distseq.kernels.linear_attention._gates import resolve_gates
+from distseq.kernels.linear_attention._gates import resolve_gates, value_checks
 from distseq.kernels.linear_attention.chunk import chunk_linear_attention, linear_attention_state
 from distseq.kernels.linear_attention.naive import naive_recurrent_linear_attention
 
@@ -14,4 +14,5 @@ __all__ = [
     "linear_attention_state",
     "naive_recurrent_linear_attention",
     "resolve_gates",
+    "value_checks",
 ]

@@ -16,7 +16,7 @@ import torch
 
 from distseq.parallel.comm import Communicator
 from distseq.parallel.layout import SequenceLayout
-from distseq.parallel.sequence._linear import LinearStateStrategy
+from distseq.parallel.sequence._linear import LinearStateStrategy, without_autocast
 
 __all__ = ["LASP1"]
 
@@ -90,5 +90,11 @@ class LASP1(LinearStateStrategy):
 
     name = "lasp1"
 
-    def _exchange(self, states: torch.Tensor, carries: torch.Tensor) -> torch.Tensor:
-        return _LASP1StateChain.apply(states, carries, self.comm, self.layout)
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: torch.Tensor | None) -> torch.Tensor:
+        return without_autocast(self._chain, q, k, v, log_gate)
+
+    def _chain(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: torch.Tensor | None) -> torch.Tensor:
+        local = self._local(q, k, v, log_gate)
+        states, carries, prefix = local.states()
+        incoming = _LASP1StateChain.apply(states, carries, self.comm, self.layout)
+        return local.intra(prefix) + local.inter(incoming)
