@@ -40,9 +40,7 @@ def _rel(got, want):
     return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1.0)).item()
 
 
-CASES = list(
-    itertools.product([BlockKind.FULL, BlockKind.CAUSAL], [(4, 4), (4, 2), (4, 1)], [64, 128], [1, 37, 128])
-)
+CASES = list(itertools.product([BlockKind.FULL, BlockKind.CAUSAL], [(4, 4), (4, 2), (4, 1)], [64, 128], [1, 37, 128]))
 
 
 @pytest.mark.parametrize(("kind", "heads", "dim", "length"), CASES)
