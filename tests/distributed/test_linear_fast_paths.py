@@ -18,6 +18,7 @@ from distseq.parallel.sequence.registry import LINEAR_STRATEGIES, make_strategy
 from distseq.testing.sync import HostSyncRecorder, no_host_sync
 
 AUTOCAST_RATIO = 1.25
+WITH_BASELINE = [*LINEAR_STRATEGIES, "ulysses"]  # the head all-to-all baseline runs linear attention too
 
 
 def _inputs(seq_len, heads=2, key_dim=8, value_dim=8, seed=0):
@@ -104,7 +105,7 @@ def job_autocast(name, kind):
     return stats
 
 
-@pytest.mark.parametrize("name", LINEAR_STRATEGIES)
+@pytest.mark.parametrize("name", WITH_BASELINE)
 @pytest.mark.parametrize("kind", ["contiguous", "zigzag"])
 def test_bf16_autocast_is_as_accurate_as_rounding_the_fp64_result(worlds, name, kind):
     per_rank = worlds(4).run(job_autocast, name, kind, timeout=300)
@@ -122,9 +123,9 @@ def job_no_host_sync():
     p, r = comm.size, comm.rank
     seq_len = 16 * p
     documents = [0, 3, seq_len // 2 + 1, seq_len - 5, seq_len]  # the second one spans ranks
-    q, k, v, gate, dout = _inputs(seq_len)
-    decay = torch.tensor([-0.1, -0.3], dtype=torch.float64)
-    for name in LINEAR_STRATEGIES:
+    q, k, v, gate, dout = _inputs(seq_len, heads=4)
+    decay = torch.tensor([-0.1, -0.3, -0.05, -0.2], dtype=torch.float64)
+    for name in WITH_BASELINE:
         for kind in ("contiguous", "zigzag"):
             layout = SequenceLayout(kind, seq_len, p, r)
             strategy = make_strategy(name, comm, layout, chunk_size=4)

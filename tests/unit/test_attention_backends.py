@@ -165,3 +165,72 @@ def test_plans_are_cached():
     layout = SequenceLayout("zigzag", 64, 4, 0, (0, 5, 40, 64))
     spec = AttentionSpec(layout, True, 1.0, SDPA, layout.doc_offsets, None)
     assert block_plan(spec, [0], [1, 2]) is block_plan(spec, [0], [1, 2])
+
+
+class _VarlenReference(type(REFERENCE)):
+    """The reference kernel behind a varlen entry (looping over the pieces), counting calls: stands in for the
+    CUDA varlen kernels so that the grouping of plan pairs into runs is tested here."""
+
+    name = "varlen-reference"
+    max_span = None
+
+    def __init__(self):
+        self.calls = 0
+
+    def varlen(self, device):
+        return True
+
+    def _pieces(self, pieces):
+        cu_q, cu_k = pieces.cu_q.tolist(), pieces.cu_k.tolist()
+        return list(zip(zip(cu_q[:-1], cu_q[1:], strict=True), zip(cu_k[:-1], cu_k[1:], strict=True), strict=True))
+
+    def forward_varlen(self, q, k, v, pieces, causal, scale):
+        self.calls += 1
+        kind = BlockKind.CAUSAL if causal else BlockKind.FULL
+        out = torch.zeros(q.shape, dtype=torch.float64)
+        lse = torch.zeros(q.shape[1], q.shape[0], dtype=torch.float64)
+        for (q0, q1), (k0, k1) in self._pieces(pieces):
+            o, s = self.forward(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], kind, scale)
+            out[q0:q1], lse[:, q0:q1] = o[0], s[0]
+        return out, lse
+
+    def backward_varlen(self, dout, q, k, v, out, lse, pieces, causal, scale, delta=None):
+        self.calls += 1
+        kind = BlockKind.CAUSAL if causal else BlockKind.FULL
+        grads = [torch.zeros(x.shape, dtype=torch.float64) for x in (q, k, v)]
+        for (q0, q1), (k0, k1) in self._pieces(pieces):
+            piece = self.backward(
+                dout[None, q0:q1], q[None, q0:q1], k[None, k0:k1], v[None, k0:k1],
+                None if out is None else out[None, q0:q1], lse[None, :, q0:q1], kind, scale,
+                delta=None if delta is None else delta[None, :, q0:q1],
+            )  # fmt: skip
+            for grad, got, (a, b) in zip(grads, piece, [(q0, q1), (k0, k1), (k0, k1)], strict=True):
+                grad[a:b] += got[0]
+        return grads
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("with_out", [True, False])
+def test_varlen_runs_equal_the_pair_by_pair_path(kind, with_out):
+    """Many short documents: the plan's pairs grouped into varlen runs (batch folded into the tokens) give the
+    pair-by-pair result, in fewer kernel calls."""
+    from distseq.parallel.sequence._blocks import attend, attend_backward, new_accumulators, varlen_runs
+
+    docs = (0, 3, 4, 9, 17, 18, 30, 41, 47, 56, 64)
+    layout = SequenceLayout(kind, 64, 2, 0, docs)
+    q, k, v, dout = _tensors(2, 64, 64, 4, 2, 8, torch.float64, seed=5)
+    results = []
+    for backend in (REFERENCE, _VarlenReference()):
+        spec = AttentionSpec(layout, True, 0.3, backend, docs, None)
+        plan = block_plan(spec, [0, 1], [0, 1])
+        out, lse = new_accumulators(q)
+        attend(spec, q, k, v, plan, out, lse)
+        delta = (dout * out).sum(-1).transpose(1, 2)
+        grads = [torch.zeros_like(x) for x in (q, k, v)]
+        attend_backward(spec, dout, q, k, v, out if with_out else None, lse, delta, plan, *grads)
+        results.append([out, lse, *grads])
+    runs = varlen_runs(plan)
+    assert sum(run.causal for run in runs) == 1  # every diagonal document piece in one call
+    assert backend.calls == 2 * len(runs) < len(plan)
+    for label, got, want in zip(["out", "lse", "dq", "dk", "dv"], results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=label)

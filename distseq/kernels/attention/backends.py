@@ -37,6 +37,7 @@ from __future__ import annotations
 import abc
 import functools
 import importlib.util
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -47,6 +48,7 @@ from distseq.kernels.attention.naive import causal_mask, masked_attention, maske
 __all__ = [
     "ATTENTION_BACKENDS",
     "AttentionBackend",
+    "VarlenPieces",
     "attention_backend",
     "select_attention_backend",
 ]
@@ -60,6 +62,8 @@ class AttentionBackend(abc.ABC):
     name: ClassVar[str]
     #: longest span the backend should get; longer chunks are tiled by the caller (None: any length)
     max_span: ClassVar[int | None] = None
+    #: whether the backward reads ``delta`` (else ``out``; the other may be None)
+    uses_delta: ClassVar[bool] = False
 
     @abc.abstractmethod
     def unavailable(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
@@ -93,8 +97,48 @@ class AttentionBackend(abc.ABC):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(dq, dk, dv)`` of one block given the final ``out`` (or ``delta``) and ``lse``."""
 
+    def varlen(self, device: torch.device) -> bool:
+        """Whether :meth:`forward_varlen` / :meth:`backward_varlen` serve ``device``."""
+        return False
+
+    def forward_varlen(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pieces: VarlenPieces, causal: bool, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Many blocks in one call (flash attention's varlen entry): ``q`` ``[Tq, H, D]`` and ``k``, ``v``
+        ``[Tk, Hkv, D]`` hold the pieces back to back; piece ``i`` of ``q`` attends piece ``i`` of ``k``, all of
+        one kind. Returns ``out`` ``[Tq, H, D]`` and ``lse`` ``[H, Tq]`` fp32."""
+        raise RuntimeError(f"attention backend {self.name!r} has no varlen entry")
+
+    def backward_varlen(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor | None,
+        lse: torch.Tensor,
+        pieces: VarlenPieces,
+        causal: bool,
+        scale: float,
+        delta: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gradients of :meth:`forward_varlen`'s blocks given the final ``out`` ``[Tq, H, D]`` (or ``delta``
+        ``[H, Tq]``) and ``lse`` ``[H, Tq]``."""
+        raise RuntimeError(f"attention backend {self.name!r} has no varlen entry")
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+@dataclass(frozen=True)
+class VarlenPieces:
+    """Piece boundaries of a varlen call: ``cu_q``, ``cu_k`` int32 ``[num_pieces + 1]`` on the device (built
+    from host integers, so no synchronisation) and the longest piece of each side."""
+
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
 
 
 def _delta(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -111,11 +155,17 @@ def _out_with_delta(dout: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return dout.to(dtype) * factor[..., None]
 
 
+def _varlen_out(dout: torch.Tensor, out: torch.Tensor | None, delta: torch.Tensor | None) -> torch.Tensor:
+    """``out`` ``[T, H, D]``, or its stand-in from ``delta`` ``[H, T]`` (see :func:`_out_with_delta`)."""
+    return out if out is not None else _out_with_delta(dout[None], delta[None])[0]
+
+
 class ReferenceBackend(AttentionBackend):
     """Plain PyTorch; materialises ``[B, H, Tq, Tk]`` scores, so spans are tiled to ``max_span``."""
 
     name = "reference"
     max_span = 2048
+    uses_delta = True
 
     def unavailable(self, device, dtype, head_dim):
         return None if dtype.is_floating_point else "needs a floating dtype"
@@ -198,6 +248,35 @@ class SDPABackend(AttentionBackend):
         )
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
+    def varlen(self, device):
+        return device.type == "cuda"
+
+    def forward_varlen(self, q, k, v, pieces, causal, scale):
+        out, lse, *_ = torch.ops.aten._flash_attention_forward(
+            q, k, v, pieces.cu_q, pieces.cu_k, pieces.max_q, pieces.max_k, 0.0, causal, False, scale=scale
+        )
+        return out, lse
+
+    def backward_varlen(self, dout, q, k, v, out, lse, pieces, causal, scale, delta=None):
+        out = _varlen_out(dout, out, delta)
+        return torch.ops.aten._flash_attention_backward(
+            dout.to(q.dtype),
+            q,
+            k,
+            v,
+            out.to(q.dtype),
+            lse.float().contiguous(),
+            pieces.cu_q,
+            pieces.cu_k,
+            pieces.max_q,
+            pieces.max_k,
+            0.0,
+            causal,
+            torch.zeros(2, dtype=torch.uint64, device=q.device),  # no dropout: never read
+            torch.empty(0, device=q.device),
+            scale=scale,
+        )
+
 
 def _cpu_compute(x: torch.Tensor) -> torch.Tensor:
     # bf16/fp16 blocks in fp32: the CPU flash kernel accumulates in fp32 anyway, and a merged result stays
@@ -255,6 +334,28 @@ class FlashAttnBackend(AttentionBackend):
             kind is BlockKind.CAUSAL,
             **_plain_args(fa._flash_attn_backward),
         )
+        return dq, dk, dv
+
+    def varlen(self, device):
+        return device.type == "cuda"
+
+    def forward_varlen(self, q, k, v, pieces, causal, scale):
+        fa = self._interface()
+        out, lse, *_ = fa._flash_attn_varlen_forward(
+            q, k, v, pieces.cu_q, pieces.cu_k, pieces.max_q, pieces.max_k, 0.0, scale, causal=causal,
+            **_plain_args(fa._flash_attn_varlen_forward),
+        )  # fmt: skip
+        return out, lse
+
+    def backward_varlen(self, dout, q, k, v, out, lse, pieces, causal, scale, delta=None):
+        fa = self._interface()
+        out = _varlen_out(dout, out, delta)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        fa._flash_attn_varlen_backward(
+            dout.to(q.dtype).contiguous(), q, k, v, out.to(q.dtype).contiguous(), lse.float().contiguous(),
+            dq, dk, dv, pieces.cu_q, pieces.cu_k, pieces.max_q, pieces.max_k, 0.0, scale, causal,
+            **_plain_args(fa._flash_attn_varlen_backward),
+        )  # fmt: skip
         return dq, dk, dv
 
 

@@ -15,6 +15,8 @@ each (query span, key span) pair is one of three kinds decided from six integers
 
 So a fused kernel never needs an explicit mask (the idea of varlen attention), plans are built once per
 (layout, documents, causality, span length) and cached, and running them reads nothing back from the device.
+Where the backend has a varlen entry (flash attention on CUDA), consecutive pairs of one kind whose query spans
+and key spans each lie back to back (e.g. the diagonal blocks of many short documents) run as one call.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from distseq.kernels.attention import BlockKind
-from distseq.kernels.attention.backends import AttentionBackend
+from distseq.kernels.attention import BlockKind, attention_delta
+from distseq.kernels.attention.backends import AttentionBackend, VarlenPieces
 from distseq.kernels.merge import merge_attention_
 from distseq.parallel.layout import SequenceLayout
 
@@ -115,12 +117,35 @@ def _rank_spans(key: tuple, sp_ranks: tuple[int, ...]) -> tuple[Span, ...]:
     return tuple(spans)
 
 
+def _coalesced(spans: tuple[Span, ...], max_span: int | None) -> tuple[Span, ...]:
+    """Join spans that continue each other in memory, in positions and in one document (up to ``max_span``)."""
+    joined: list[Span] = []
+    for span in spans:
+        last = joined[-1] if joined else None
+        if (
+            last is not None
+            and span.offset == last.offset + last.length
+            and span.start == last.end
+            and span.doc == last.doc
+            and (max_span is None or last.length + span.length <= max_span)
+        ):
+            joined[-1] = Span(last.offset, last.start, last.length + span.length, last.doc)
+        else:
+            joined.append(span)
+    return tuple(joined)
+
+
 @functools.lru_cache(maxsize=4096)
 def _block_plan(key: tuple, q_ranks: tuple[int, ...], k_ranks: tuple[int, ...]) -> Plan:
     causal = key[4]
+    q_spans, k_spans = _rank_spans(key, q_ranks), _rank_spans(key, k_ranks)
+    if q_ranks == k_ranks:
+        # Queries and keys are the same tokens (Ulysses): chunks that continue each other are one span on both
+        # sides (the contiguous layout's whole sequence is one causal block), so spans stay equal or disjoint.
+        q_spans = k_spans = _coalesced(q_spans, key[5])
     plan = []
-    for qs in _rank_spans(key, q_ranks):
-        for ks in _rank_spans(key, k_ranks):
+    for qs in q_spans:
+        for ks in k_spans:
             kind = _pair_kind(qs, ks, causal)
             if kind is not BlockKind.EMPTY:
                 plan.append((qs, ks, kind))
@@ -130,12 +155,72 @@ def _block_plan(key: tuple, q_ranks: tuple[int, ...], k_ranks: tuple[int, ...]) 
 def _pair_kind(qs: Span, ks: Span, causal: bool) -> BlockKind:
     if qs.doc != ks.doc:
         return BlockKind.EMPTY
-    if not causal or ks.end <= qs.start + 1:  # non-causal, or every key at or before the first query
+    if not causal:
         return BlockKind.FULL
-    if ks.start >= qs.end:  # every key after the last query
-        return BlockKind.EMPTY
-    assert (qs.start, qs.length) == (ks.start, ks.length), f"spans overlap without being equal: {qs} {ks}"
-    return BlockKind.CAUSAL
+    if (qs.start, qs.length) == (ks.start, ks.length):  # the diagonal (also of one token: runs stay whole)
+        return BlockKind.CAUSAL
+    if ks.end <= qs.start + 1:  # every key at or before the first query
+        return BlockKind.FULL
+    assert ks.start >= qs.end, f"spans overlap without being equal: {qs} {ks}"
+    return BlockKind.EMPTY  # every key after the last query
+
+
+@dataclass(frozen=True)
+class Run:
+    """Consecutive plan pairs of one kind whose query spans, and whose key spans, lie back to back: piece ``i``
+    of the queries attends piece ``i`` of the keys. One varlen kernel call."""
+
+    pairs: tuple[tuple[Span, Span, BlockKind], ...]
+
+    @property
+    def q(self) -> slice:
+        return slice(self.pairs[0][0].offset, self.pairs[-1][0].offset + self.pairs[-1][0].length)
+
+    @property
+    def k(self) -> slice:
+        return slice(self.pairs[0][1].offset, self.pairs[-1][1].offset + self.pairs[-1][1].length)
+
+    @property
+    def causal(self) -> bool:
+        return self.pairs[0][2] is BlockKind.CAUSAL
+
+
+@functools.lru_cache(maxsize=4096)
+def varlen_runs(plan: Plan) -> tuple[Run, ...]:
+    """``plan`` cut into :class:`Run` s: pairs of each kind in query order, joined while both sides stay back to
+    back (merges commute, so the order of the plan does not matter)."""
+    runs: list[list] = []
+    for kind in (BlockKind.CAUSAL, BlockKind.FULL):
+        start = len(runs)
+        for pair in sorted((p for p in plan if p[2] is kind), key=lambda p: (p[0].offset, p[1].offset)):
+            if len(runs) > start:
+                last_q, last_k, _ = runs[-1][-1]
+                qs, ks, _ = pair
+                if qs.offset == last_q.offset + last_q.length and ks.offset == last_k.offset + last_k.length:
+                    runs[-1].append(pair)
+                    continue
+            runs.append([pair])
+    return tuple(Run(tuple(r)) for r in runs)
+
+
+@functools.lru_cache(maxsize=4096)
+def _pieces(run: Run, batch: int, device: torch.device) -> VarlenPieces:
+    """Piece boundaries of ``run`` with the batch folded into the tokens (row ``b`` after row ``b - 1``)."""
+
+    def offsets(lengths: list[int]) -> torch.Tensor:
+        cu = [0]
+        for n in lengths * batch:
+            cu.append(cu[-1] + n)
+        return torch.tensor(cu, dtype=torch.int32, device=device)
+
+    q_lengths = [qs.length for qs, _, _ in run.pairs]
+    k_lengths = [ks.length for _, ks, _ in run.pairs]
+    return VarlenPieces(offsets(q_lengths), offsets(k_lengths), max(q_lengths), max(k_lengths))
+
+
+def _fold(x: torch.Tensor) -> torch.Tensor:
+    """``[B, T, ...]`` -> ``[B * T, ...]`` (a view when B == 1)."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
 def new_accumulators(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,11 +241,40 @@ def attend(
     plan: Plan,
     out: torch.Tensor,
     lse: torch.Tensor,
+    *,
+    fresh: bool = False,
 ) -> None:
-    """Accumulate attention of ``q`` over ``k``/``v`` for every pair of ``plan`` into ``(out, lse)`` in place."""
-    for qs, ks, kind in plan:
-        block_out, block_lse = spec.backend.forward(q[:, qs.local], k[:, ks.local], v[:, ks.local], kind, spec.scale)
-        merge_attention_(out[:, qs.local], lse[:, :, qs.local], block_out, block_lse)
+    """Accumulate attention of ``q`` over ``k``/``v`` for every pair of ``plan`` into ``(out, lse)`` in place.
+
+    ``fresh``: the accumulators hold nothing yet (zeros and -inf), so the first block of each query span is
+    copied in rather than merged.
+    """
+    backend = spec.backend
+    written: set[int] = set() if fresh else {qs.offset for qs, _, _ in plan}
+
+    def accumulate(spans, rows: slice, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
+        offsets = {qs.offset for qs in spans}
+        if written.isdisjoint(offsets):
+            out[:, rows].copy_(block_out)
+            lse[:, :, rows].copy_(block_lse)
+        else:
+            merge_attention_(out[:, rows], lse[:, :, rows], block_out, block_lse)
+        written.update(offsets)
+
+    if not backend.varlen(q.device):
+        for qs, ks, kind in plan:
+            block_out, block_lse = backend.forward(q[:, qs.local], k[:, ks.local], v[:, ks.local], kind, spec.scale)
+            accumulate([qs], qs.local, block_out, block_lse)
+        return
+    batch, heads = q.shape[0], q.shape[2]
+    for run in varlen_runs(plan):
+        rows, keys = run.q, run.k
+        pieces = _pieces(run, batch, q.device)
+        folded = [_fold(x) for x in (q[:, rows], k[:, keys], v[:, keys])]
+        run_out, run_lse = backend.forward_varlen(*folded, pieces, run.causal, spec.scale)  # [B*L, H, D], [H, B*L]
+        length = rows.stop - rows.start
+        run_lse = run_lse.view(heads, batch, length).transpose(0, 1)
+        accumulate([qs for qs, _, _ in run.pairs], rows, run_out.view(batch, length, *run_out.shape[1:]), run_lse)
 
 
 def attend_backward(
@@ -171,7 +285,7 @@ def attend_backward(
     v: torch.Tensor,
     out: torch.Tensor | None,
     lse: torch.Tensor,
-    delta: torch.Tensor,
+    delta: torch.Tensor | None,
     plan: Plan,
     dq: torch.Tensor,
     dk: torch.Tensor,
@@ -179,12 +293,19 @@ def attend_backward(
 ) -> None:
     """Accumulate the gradients of every pair of ``plan`` into ``dq``, ``dk``, ``dv`` in place.
 
-    ``out`` (may be None), ``lse`` and ``delta`` (``rowsum(dout * out)``) belong to the final output of the
-    queries; each backend reads the one it needs.
+    ``out``, ``lse`` and ``delta`` (``rowsum(dout * out)``) belong to the final output of the queries; either
+    ``out`` or ``delta`` may be None, and each backend reads the one it needs (``delta`` is computed here once
+    when the backend wants it and only ``out`` is given).
     """
+    backend = spec.backend
+    if delta is None and backend.uses_delta:
+        delta = attention_delta(dout, out)
+    if backend.varlen(q.device):
+        _attend_backward_varlen(spec, dout, q, k, v, out, lse, delta, plan, dq, dk, dv)
+        return
     for qs, ks, kind in plan:
         rows = qs.local
-        dq_b, dk_b, dv_b = spec.backend.backward(
+        dq_b, dk_b, dv_b = backend.backward(
             dout[:, rows],
             q[:, rows],
             k[:, ks.local],
@@ -193,8 +314,33 @@ def attend_backward(
             lse[:, :, rows].contiguous(),
             kind,
             spec.scale,
-            delta=delta[:, :, rows],
+            delta=None if delta is None else delta[:, :, rows],
         )
         dq[:, rows] += dq_b
         dk[:, ks.local] += dk_b
         dv[:, ks.local] += dv_b
+
+
+def _attend_backward_varlen(spec, dout, q, k, v, out, lse, delta, plan, dq, dk, dv) -> None:
+    batch, heads = q.shape[0], q.shape[2]
+
+    def tokens_last(x: torch.Tensor) -> torch.Tensor:  # [B, H, L] -> [H, B * L]
+        return x.transpose(0, 1).reshape(heads, -1)
+
+    for run in varlen_runs(plan):
+        rows, keys = run.q, run.k
+        dq_r, dk_r, dv_r = spec.backend.backward_varlen(
+            _fold(dout[:, rows]),
+            _fold(q[:, rows]),
+            _fold(k[:, keys]),
+            _fold(v[:, keys]),
+            None if out is None else _fold(out[:, rows]),
+            tokens_last(lse[:, :, rows]),
+            _pieces(run, batch, q.device),
+            run.causal,
+            spec.scale,
+            delta=None if delta is None else tokens_last(delta[:, :, rows]),
+        )
+        dq[:, rows] += dq_r.view(batch, -1, *dq_r.shape[1:])
+        dk[:, keys] += dk_r.view(batch, -1, *dk_r.shape[1:])
+        dv[:, keys] += dv_r.view(batch, -1, *dv_r.shape[1:])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from distseq.kernels.attention import attention_delta
 from distseq.parallel.comm import Communicator
 from distseq.parallel.sequence._blocks import AttentionSpec, Plan, attend, attend_backward, block_plan, new_accumulators
 from distseq.parallel.sequence.base import SequenceStrategy, autocast_off
@@ -19,25 +18,28 @@ __all__ = ["AllGatherKVAttention"]
 
 
 def _gather_kv(comm: Communicator, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    kv = comm.all_gather(torch.stack([k, v]), dim=2)  # [2, B, P*n, Hkv, D], ranks' tokens in rank order
-    return kv[0], kv[1]
+    # Packed tokens-first ([n, 2, B, Hkv, D], one copy), so the gather needs no reordering copy; K and V of
+    # every rank come back as views [B, P*n, Hkv, D], ranks' tokens in rank order.
+    kv = comm.all_gather(torch.stack([k.transpose(0, 1), v.transpose(0, 1)], dim=1), dim=0)
+    return kv[:, 0].transpose(0, 1), kv[:, 1].transpose(0, 1)
 
 
 def allgather_kv_forward(spec, comm, q, k, v, plan):
     k_all, v_all = _gather_kv(comm, k, v)
     out, lse = new_accumulators(q)
-    attend(spec, q, k_all, v_all, plan, out, lse)
+    attend(spec, q, k_all, v_all, plan, out, lse, fresh=True)
     return out, lse
 
 
 def allgather_kv_backward(spec, comm, dout, q, k, v, out, lse, plan):
     k_all, v_all = _gather_kv(comm, k, v)
-    delta = attention_delta(dout, out)
     dq = torch.zeros_like(out)
-    dkv = torch.zeros((2, *k_all.shape), dtype=out.dtype, device=k.device)
-    attend_backward(spec, dout, q, k_all, v_all, out, lse, delta, plan, dq, dkv[0], dkv[1])
-    dkv = comm.reduce_scatter(dkv, dim=2)  # every rank's contribution to our K/V, summed
-    return dq, dkv[0], dkv[1]
+    batch, total, kv_heads, dim = k_all.shape
+    dkv = torch.zeros(total, 2, batch, kv_heads, dim, dtype=out.dtype, device=k.device)  # tokens first, as gathered
+    dk_all, dv_all = dkv[:, 0].transpose(0, 1), dkv[:, 1].transpose(0, 1)
+    attend_backward(spec, dout, q, k_all, v_all, out, lse, None, plan, dq, dk_all, dv_all)
+    dkv = comm.reduce_scatter(dkv, dim=0)  # every rank's contribution to our K/V, summed: [n, 2, B, Hkv, D]
+    return dq, dkv[:, 0].transpose(0, 1), dkv[:, 1].transpose(0, 1)
 
 
 class _AllGatherKVAttention(torch.autograd.Function):

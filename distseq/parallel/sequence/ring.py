@@ -42,7 +42,7 @@ def ring_attention_forward(
         last = step == comm.size - 1
         if not last:
             next_kv = comm.send_recv(kv, 1, tag=_KV_TAG).commit()
-        attend(spec, q, kv[0], kv[1], plans[step], out, lse)
+        attend(spec, q, kv[0], kv[1], plans[step], out, lse, fresh=step == 0)
         if not last:
             kv = next_kv.wait()
     return out, lse
@@ -60,7 +60,7 @@ def ring_attention_backward(
     plans: list[Plan],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """fp32 ``(dq, dk, dv)`` for this rank's q, k, v."""
-    delta = attention_delta(dout, out)
+    delta = attention_delta(dout, out) if spec.backend.uses_delta else None  # once for all steps
     dq = torch.zeros_like(out)
     kv = [k, v]
     in_flight = None  # the dK/dV accumulator exchange of the previous step

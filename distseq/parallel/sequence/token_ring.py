@@ -53,10 +53,10 @@ def token_ring_forward(spec, comm, q, k, v, visiting, returning):
         if not last:
             next_q = comm.send_recv(q_visit, 1, tag=_Q_TAG).commit()
         if step == 0:
-            attend(spec, q, k, v, visiting[0], out, lse)
+            attend(spec, q, k, v, visiting[0], out, lse, fresh=True)
         else:
             part_out, part_lse = new_accumulators(q_visit)
-            attend(spec, q_visit, k, v, visiting[step], part_out, part_lse)
+            attend(spec, q_visit, k, v, visiting[step], part_out, part_lse, fresh=True)
             exchange = None
             if visiting[step] or returning[step]:
                 exchange = comm.send_recv(

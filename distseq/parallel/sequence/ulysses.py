@@ -18,14 +18,14 @@ from collections.abc import Sequence
 
 import torch
 
-from distseq.kernels.attention import attention_delta
-from distseq.kernels.linear_attention import check_linear_attention_inputs
+from distseq.kernels.linear_attention import check_linear_attention_inputs, checking_values
 from distseq.kernels.linear_attention.backends import linear_attention_backend
 from distseq.parallel import functional as F
 from distseq.parallel.comm import Communicator
 from distseq.parallel.layout import SequenceLayout
 from distseq.parallel.sequence._blocks import AttentionSpec, Plan, attend, attend_backward, block_plan, new_accumulators
 from distseq.parallel.sequence.base import SequenceStrategy, autocast_off, check_qkv_length, replicate_kv_heads
+from distseq.parallel.sequence.lasp2 import LASP2
 
 __all__ = ["UlyssesAttention", "check_head_sharding", "heads_to_seq", "seq_to_heads"]
 
@@ -72,17 +72,16 @@ def ulysses_forward(spec, comm, q, k, v, plan):
     """Head-sharded full-sequence attention: returns (fp32 out, lse, q, k, v) in head-shard layout."""
     qh, kh, vh = seq_to_heads(comm, q, k, v)
     out, lse = new_accumulators(qh)
-    attend(spec, qh, kh, vh, plan, out, lse)
+    attend(spec, qh, kh, vh, plan, out, lse, fresh=True)
     return out, lse, qh, kh, vh
 
 
 def ulysses_backward(spec, comm, dout_h, qh, kh, vh, out, lse, plan):
     """fp32 (dq, dk, dv) in head-shard layout, as views of one buffer (so they travel back in one exchange)."""
-    delta = attention_delta(dout_h, out)
     heads, kv_heads = qh.shape[2], kh.shape[2]
     grads = torch.zeros(*qh.shape[:2], heads + 2 * kv_heads, qh.shape[3], dtype=out.dtype, device=qh.device)
     dq, dk, dv = grads.split([heads, kv_heads, kv_heads], dim=2)
-    attend_backward(spec, dout_h, qh, kh, vh, out, lse, delta, plan, dq, dk, dv)
+    attend_backward(spec, dout_h, qh, kh, vh, out, lse, None, plan, dq, dk, dv)
     return dq, dk, dv
 
 
@@ -122,8 +121,9 @@ class UlyssesAttention(SequenceStrategy):
         super().__init__(comm, layout, attention_backend=attention_backend)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        linear_attention_backend(backend)  # validates the name now
         self.chunk_size = chunk_size  # for linear attention
-        self.kernel = linear_attention_backend(backend)  # for linear attention
+        self.linear_backend = backend  # for linear attention
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
         check_head_sharding("ulysses", q.shape[2], self.comm.size, "sp")
@@ -146,25 +146,27 @@ class UlyssesAttention(SequenceStrategy):
 
         Bytes per rank each way: ``(P-1)/P B n (2 h dk + 2 h dv [+ h for a gate]) s``.
         """
-        check_linear_attention_inputs(q, k, v, decay, gate, None, None)
+        check_linear_attention_inputs(q, k, v, decay, gate, None, None, values=checking_values())
         check_qkv_length(q, self.layout)
         check_head_sharding("ulysses", q.shape[2], self.comm.size, "sp")
-        cu = self.layout.with_documents(cu_seqlens).cu_seqlens
+        layout = self.layout.with_documents(cu_seqlens)
         comm, p, r = self.comm, self.comm.size, self.comm.rank
-        order = self.layout.global_order(q.device)  # global position of each gathered token
+        order = layout.global_order(q.device)  # global position of each gathered token
         natural = torch.argsort(order)
 
         def to_heads(x: torch.Tensor) -> torch.Tensor:
             return F.all_to_all(x, comm, scatter_dim=2, gather_dim=1)[:, natural]
 
+        # The whole sequence on this rank's heads: LASP-2 over one rank (no exchange), which computes in fp32
+        # under any autocast and reads nothing back from the device.
+        whole = SequenceLayout("contiguous", layout.seq_len, 1, 0, layout.doc_offsets)
+        local = LASP2(Communicator.solo(), whole, chunk_size=self.chunk_size, backend=self.linear_backend)
         local_heads = q.shape[2] // p
-        out = self.kernel(
+        out = local.linear_attention(
             to_heads(q),
             to_heads(k),
             to_heads(v),
             decay=None if decay is None else decay[r * local_heads : (r + 1) * local_heads],
             gate=None if gate is None else to_heads(gate[..., None])[..., 0],
-            cu_seqlens=cu,
-            chunk_size=self.chunk_size,
-        )[0]
+        )
         return F.all_to_all(out[:, order], comm, scatter_dim=1, gather_dim=2)
