@@ -1,1 +1,1 @@
-"""Trainer, data, optimizer, checkpoints and metrics (issue #6)."""
+"""Trainer, data, optimizer, checkpoints and metrics."""

@@ -135,7 +135,7 @@ def job_parity(
     assert not failures, f"{softmax}+{linear}/{kind} dp={dp} sp={sp} tp={tp} ep={ep}:\n" + "\n".join(failures)
 
 
-#: (dp, sp, tp, ep) of issue #5, each with every softmax strategy (and lasp2) on both token layouts
+#: the (dp, sp, tp, ep) layouts checked, each with every softmax strategy (and lasp2) on both token layouts
 ISSUE_LAYOUTS = [(1, 4, 1, 1), (1, 2, 2, 1), (2, 2, 1, 1), (1, 2, 1, 2), (2, 1, 2, 1)]
 
 

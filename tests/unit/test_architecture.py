@@ -1,4 +1,4 @@
-"""The dependency direction of DESIGN.md section 1, checked on the source (no imports executed).
+"""The dependency direction of the package's layers, checked on the source (no imports executed).
 
 config <- kernels <- parallel <- models <- data, train <- cli, launch; integrations import the rest, never the reverse.
 Kernels never import torch.distributed, config never imports torch, and optional extras are imported

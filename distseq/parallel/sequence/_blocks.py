@@ -233,6 +233,15 @@ def new_accumulators(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
+def single_block(plan: Plan, q_len: int, k_len: int) -> tuple[Span, Span, BlockKind] | None:
+    """The plan's one pair when it covers all ``q_len`` queries and ``k_len`` keys (the kernel's own outputs are
+    then the results: no accumulators to fill or merge into), else None."""
+    if len(plan) != 1:
+        return None
+    qs, ks, kind = plan[0]
+    return plan[0] if (qs.offset, qs.length, ks.offset, ks.length) == (0, q_len, 0, k_len) else None
+
+
 def attend(
     spec: AttentionSpec,
     q: torch.Tensor,

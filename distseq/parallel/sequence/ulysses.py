@@ -23,7 +23,15 @@ from distseq.kernels.linear_attention.backends import linear_attention_backend
 from distseq.parallel import functional as F
 from distseq.parallel.comm import Communicator
 from distseq.parallel.layout import SequenceLayout
-from distseq.parallel.sequence._blocks import AttentionSpec, Plan, attend, attend_backward, block_plan, new_accumulators
+from distseq.parallel.sequence._blocks import (
+    AttentionSpec,
+    Plan,
+    attend,
+    attend_backward,
+    block_plan,
+    new_accumulators,
+    single_block,
+)
 from distseq.parallel.sequence.base import SequenceStrategy, autocast_off, check_qkv_length, replicate_kv_heads
 from distseq.parallel.sequence.lasp2 import LASP2
 
@@ -69,18 +77,25 @@ def check_head_sharding(name: str, heads: int, degree: int, axis: str) -> None:
 
 
 def ulysses_forward(spec, comm, q, k, v, plan):
-    """Head-sharded full-sequence attention: returns (fp32 out, lse, q, k, v) in head-shard layout."""
+    """Head-sharded full-sequence attention: returns (out, lse, q, k, v) in head-shard layout; ``out`` is fp32
+    unless the whole sequence was one kernel call (then the kernel's own output)."""
     qh, kh, vh = seq_to_heads(comm, q, k, v)
+    whole = single_block(plan, qh.shape[1], kh.shape[1])
+    if whole is not None:  # the contiguous layout without documents: one causal call, nothing to merge
+        return *spec.backend.forward(qh, kh, vh, whole[2], spec.scale), qh, kh, vh
     out, lse = new_accumulators(qh)
     attend(spec, qh, kh, vh, plan, out, lse, fresh=True)
     return out, lse, qh, kh, vh
 
 
 def ulysses_backward(spec, comm, dout_h, qh, kh, vh, out, lse, plan):
-    """fp32 (dq, dk, dv) in head-shard layout, as views of one buffer (so they travel back in one exchange)."""
-    heads, kv_heads = qh.shape[2], kh.shape[2]
-    grads = torch.zeros(*qh.shape[:2], heads + 2 * kv_heads, qh.shape[3], dtype=out.dtype, device=qh.device)
-    dq, dk, dv = grads.split([heads, kv_heads, kv_heads], dim=2)
+    """(dq, dk, dv) in head-shard layout."""
+    whole = single_block(plan, qh.shape[1], kh.shape[1])
+    if whole is not None:
+        return spec.backend.backward(dout_h, qh, kh, vh, out, lse, whole[2], spec.scale)
+    dtype = torch.float64 if qh.dtype == torch.float64 else torch.float32
+    dq = torch.zeros(qh.shape, dtype=dtype, device=qh.device)
+    dk, dv = torch.zeros(kh.shape, dtype=dtype, device=kh.device), torch.zeros(vh.shape, dtype=dtype, device=vh.device)
     attend_backward(spec, dout_h, qh, kh, vh, out, lse, None, plan, dq, dk, dv)
     return dq, dk, dv
 
