@@ -1,12 +1,16 @@
-"""Shared pieces of the benchmark scripts: timing on all ranks, summaries over ranks, plots, JSON output."""
+"""Shared pieces of the benchmark scripts: timing on all ranks, summaries over ranks, plots, JSON output, tensor
+memory of a step, failures agreed by all ranks, bytes of collectives called outside distseq."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import platform
+import re
 import statistics
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +22,51 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, gloo"
+
+
+def machine_info(**extra: object) -> dict:
+    """The machine as a JSON-ready dict (no host names or paths); ``extra`` adds fields such as threads per rank."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {
+        "arch": platform.machine(),
+        "cpu_model": model,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "distributed_backend": "gloo",
+        **extra,
+    }
+
+
+def peak_tensor_bytes(step: Callable[[], object]) -> int:
+    """Peak bytes of tensors allocated by torch's CPU allocator while ``step()`` runs, above what was live
+    when it started (a warm step: what the call itself adds, freed temporaries included at their peak).
+
+    Read from the profiler's allocation events (``profile_memory=True``), which are exact per allocation but
+    slow the step down: never time a step through this. Memory outside torch's allocator (gloo's own
+    buffers, Python objects) is not counted.
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    allocations, pending = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        node = pending.pop()
+        if node.tag == _EventType.Allocation:
+            allocations.append((node.start_time_ns, node.extra_fields.alloc_size))  # negative: a free
+        pending.extend(node.children)
+    live = peak = 0
+    for _, size in sorted(allocations):
+        live += size
+        peak = max(peak, live)
+    return peak
 
 
 def time_fwd_bwd(fn: Callable[..., torch.Tensor], inputs: list, dout: torch.Tensor, repeats: int) -> list[float]:
@@ -72,7 +121,92 @@ def plot(summary: list[dict], path: Path, title: str, series_key: Callable[[dict
     fig.savefig(path, dpi=120)
 
 
-def write_json(path: Path, config: dict, results: list[dict]) -> None:
+def write_json(path: Path, config: dict, results: list[dict], machine_record: object = None) -> None:
+    """``machine_record`` replaces the one-line ``machine()`` description (e.g. a ``machine_info()`` dict)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in config.items()}
-    path.write_text(json.dumps({"machine": machine(), "config": config, "results": results}, indent=2) + "\n")
+    record = machine() if machine_record is None else machine_record
+    path.write_text(json.dumps({"machine": record, "config": config, "results": results}, indent=2) + "\n")
+
+
+def _agree(ok: bool) -> bool:
+    """True when every rank is ok: a method that failed on one rank is dropped on all."""
+    flag = torch.tensor([int(ok)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def without_paths(text: str) -> str:
+    """``text`` with every absolute path cut to its file name (results do not record this machine's paths)."""
+    return re.sub(r"(?<![\w.])/(?:[\w.+-]+/)+([\w.+-]+)", r".../\1", text)
+
+
+def attempt_on_all_ranks(record: dict, label: str, fn: Callable[[], object]) -> object:
+    """Run ``fn`` on every rank; on failure anywhere, record the error (this rank's, or 'on another rank')."""
+    try:
+        value, ok = fn(), True
+    except Exception:
+        value, ok = None, False
+        record["traceback"] = without_paths(traceback.format_exc(limit=6))
+        record["error"] = f"{label}: {record['traceback'].strip().splitlines()[-1]}"
+    if not _agree(ok):
+        record.setdefault("error", f"{label}: failed on another rank")
+        return None
+    return value
+
+
+class ObservedCollectives:
+    """Per-rank bytes of torch collectives called by code that does not go through a distseq Communicator
+    (peer libraries), by Communicator's convention, while the context is open: ``torch.distributed
+    .all_to_all_single`` (DeepSpeed-Ulysses) and the functional ``all_gather_single`` / ``permute_tensor``
+    (torch's ring attention). Other collectives are not seen. ``p`` and ``rank``: the one group they run on."""
+
+    def __init__(self, p: int, rank: int):
+        import torch.distributed._functional_collectives as ft_c
+
+        self.p, self.rank, self.sent, self.received = p, rank, 0, 0
+        self._patches = [(dist, "all_to_all_single", self._all_to_all), (ft_c, "all_gather_single", self._all_gather)]
+        self._patches.append((ft_c, "permute_tensor", self._permute))
+        self._originals: dict[str, Callable] = {}
+
+    def __enter__(self) -> ObservedCollectives:
+        for module, name, counter in self._patches:
+            original = self._originals[name] = getattr(module, name)
+            setattr(module, name, self._wrap(original, counter))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for module, name, _ in self._patches:
+            setattr(module, name, self._originals[name])
+
+    def take(self) -> tuple[int, int]:
+        counts, self.sent, self.received = (self.sent, self.received), 0, 0
+        return counts
+
+    def _wrap(self, original: Callable, counter: Callable) -> Callable:
+        signature = inspect.signature(original)
+
+        def counted(*args, **kwargs):
+            counter(signature.bind(*args, **kwargs).arguments)
+            return original(*args, **kwargs)
+
+        return counted
+
+    def _all_to_all(self, a: dict) -> None:
+        def moved(t: torch.Tensor, splits) -> int:
+            own = t.shape[0] // self.p if not splits else splits[self.rank]
+            return (t.shape[0] - own) * (t.numel() // max(t.shape[0], 1)) * t.element_size()
+
+        self.sent += moved(a["input"], a.get("input_split_sizes"))
+        self.received += moved(a["output"], a.get("output_split_sizes"))
+
+    def _all_gather(self, a: dict) -> None:
+        t = a["self"]
+        self.sent += (self.p - 1) * t.numel() * t.element_size()
+        self.received += (self.p - 1) * t.numel() * t.element_size()
+
+    def _permute(self, a: dict) -> None:
+        t, src_dst = a["self"], a["src_dst"]
+        nbytes = t.numel() * t.element_size()
+        self.sent += nbytes if src_dst[self.rank] != self.rank else 0
+        self.received += sum(nbytes for src, dst in enumerate(src_dst) if dst == self.rank and src != self.rank)
