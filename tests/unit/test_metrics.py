@@ -89,7 +89,8 @@ def test_flops_bad_input():
 def _kernel_attention_flops(cfg: ModelConfig, seq_len: int, chunk_size: int) -> int:
     """What the reference kernels compute, to compare with FlopCounterMode: the softmax layer's single block
     (seq_len <= 2048) is the full T x T square; the chunked linear kernel pads to whole chunks and computes each
-    chunk's full C x C square, and LASP-2 computes the state of the local chunk once more (``2 T dk dv``)."""
+    chunk's full C x C square, and LASP-2 adds its inter-chunk term, each token's query against the incoming
+    state (``2 T dk dv``)."""
     t, heads, d = seq_len, cfg.num_heads, cfg.head_dim
     softmax = cfg.layer_pattern.count("A") * 4 * heads * d * t * t
     chunk = min(chunk_size, t)
@@ -141,8 +142,12 @@ def test_flops_match_flop_counter_on_the_model(cfg, seq_len, chunk_size):
     torch.manual_seed(0)
     model = HybridLM(cfg)
     ids = torch.randint(0, cfg.vocab_size, (1, seq_len))
+    # The reference attention kernel: its matmuls are visible to FlopCounterMode (the fused CPU flash op is not).
     seq = SequenceParallel.build(
-        Communicator.solo(), SequenceLayout("contiguous", seq_len, 1, 0), linear_options={"chunk_size": chunk_size}
+        Communicator.solo(),
+        SequenceLayout("contiguous", seq_len, 1, 0),
+        softmax_options={"attention_backend": "reference"},
+        linear_options={"chunk_size": chunk_size},
     )
     with FlopCounterMode(display=False) as counter:
         model(ids, ids, seq)
