@@ -43,7 +43,7 @@ from typing import ClassVar
 import torch
 
 from distseq.kernels.attention.mask import BlockKind
-from distseq.kernels.attention.naive import causal_mask, masked_attention, masked_attention_backward
+from distseq.kernels.attention.naive import attention_delta, causal_mask, masked_attention, masked_attention_backward
 
 __all__ = [
     "ATTENTION_BACKENDS",
@@ -141,11 +141,6 @@ class VarlenPieces:
     max_k: int
 
 
-def _delta(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    dtype = torch.float64 if dout.dtype == torch.float64 else torch.float32
-    return (dout.to(dtype) * out.to(dtype)).sum(-1).transpose(1, 2)  # [B, H, T]
-
-
 def _out_with_delta(dout: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """A stand-in ``out`` with ``rowsum(dout * out) == delta`` for kernels that take ``out`` (they only use
     it for that row sum): ``dout * delta / |dout|^2`` row by row, 0 where ``dout`` is 0 (and so is delta)."""
@@ -176,7 +171,7 @@ class ReferenceBackend(AttentionBackend):
 
     def backward(self, dout, q, k, v, out, lse, kind, scale, delta=None):
         mask = causal_mask(q.shape[1], q.device) if kind is BlockKind.CAUSAL else None
-        delta = _delta(dout, out) if delta is None else delta
+        delta = attention_delta(dout, out) if delta is None else delta
         return masked_attention_backward(dout, q, k, v, lse, delta, mask, scale)
 
 
