@@ -194,10 +194,7 @@ class SDPABackend(AttentionBackend):
     def forward(self, q, k, v, kind, scale):
         causal = kind is BlockKind.CAUSAL
         if q.device.type == "cuda":
-            out, lse, *_ = torch.ops.aten._flash_attention_forward(
-                q, k, v, None, None, q.shape[1], k.shape[1], 0.0, causal, False, scale=scale
-            )
-            return out, lse
+            return _cuda_flash_forward(q, k, v, None, None, q.shape[1], k.shape[1], causal, scale)
         q, k, v = (_cpu_compute(x) for x in (q, k, v))
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, scale=scale
@@ -209,25 +206,7 @@ class SDPABackend(AttentionBackend):
         if out is None:
             out = _out_with_delta(dout, delta)
         if q.device.type == "cuda":
-            rng_state = torch.zeros(2, dtype=torch.uint64, device=q.device)  # no dropout: never read
-            unused = torch.empty(0, device=q.device)
-            return torch.ops.aten._flash_attention_backward(
-                dout.to(q.dtype),
-                q,
-                k,
-                v,
-                out.to(q.dtype),
-                lse.float().contiguous(),
-                None,
-                None,
-                q.shape[1],
-                k.shape[1],
-                0.0,
-                causal,
-                rng_state,
-                unused,
-                scale=scale,
-            )
+            return _cuda_flash_backward(dout, q, k, v, out, lse, None, None, q.shape[1], k.shape[1], causal, scale)
         dout, q, k, v, out = (_cpu_compute(x) for x in (dout, q, k, v, out))
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -247,30 +226,42 @@ class SDPABackend(AttentionBackend):
         return device.type == "cuda"
 
     def forward_varlen(self, q, k, v, pieces, causal, scale):
-        out, lse, *_ = torch.ops.aten._flash_attention_forward(
-            q, k, v, pieces.cu_q, pieces.cu_k, pieces.max_q, pieces.max_k, 0.0, causal, False, scale=scale
-        )
-        return out, lse
+        return _cuda_flash_forward(q, k, v, pieces.cu_q, pieces.cu_k, pieces.max_q, pieces.max_k, causal, scale)
 
     def backward_varlen(self, dout, q, k, v, out, lse, pieces, causal, scale, delta=None):
         out = _varlen_out(dout, out, delta)
-        return torch.ops.aten._flash_attention_backward(
-            dout.to(q.dtype),
-            q,
-            k,
-            v,
-            out.to(q.dtype),
-            lse.float().contiguous(),
-            pieces.cu_q,
-            pieces.cu_k,
-            pieces.max_q,
-            pieces.max_k,
-            0.0,
-            causal,
-            torch.zeros(2, dtype=torch.uint64, device=q.device),  # no dropout: never read
-            torch.empty(0, device=q.device),
-            scale=scale,
+        return _cuda_flash_backward(
+            dout, q, k, v, out, lse, pieces.cu_q, pieces.cu_k, pieces.max_q, pieces.max_k, causal, scale
         )
+
+
+def _cuda_flash_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    """torch's CUDA flash kernel: dense (``[B, T, H, D]``, no offsets) or varlen (``[T, H, D]`` and offsets)."""
+    out, lse, *_ = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale
+    )
+    return out, lse
+
+
+def _cuda_flash_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
+    """The backward of :func:`_cuda_flash_forward` given the final ``out`` and ``lse``."""
+    return torch.ops.aten._flash_attention_backward(
+        dout.to(q.dtype),
+        q,
+        k,
+        v,
+        out.to(q.dtype),
+        lse.float().contiguous(),
+        cu_q,
+        cu_k,
+        max_q,
+        max_k,
+        0.0,
+        causal,
+        torch.zeros(2, dtype=torch.uint64, device=q.device),  # no dropout: the RNG state is never read
+        torch.empty(0, device=q.device),
+        scale=scale,
+    )
 
 
 def _cpu_compute(x: torch.Tensor) -> torch.Tensor:
