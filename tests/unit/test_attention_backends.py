@@ -61,6 +61,32 @@ def test_sdpa_matches_reference(kind, heads, dim, length, dtype):
         assert _rel(got, want) < 2e-6, (name, _rel(got, want))
 
 
+def _strided_like(x):
+    """``x``'s values in a tensor whose head dimension is not the innermost one in memory (stride != 1), as a
+    depthwise convolution's output ``[B, C, T]`` viewed as ``[B, T, H, D]`` is."""
+    return x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("kind", [BlockKind.FULL, BlockKind.CAUSAL])
+@pytest.mark.parametrize("strided", ["q", "k", "v", "dout", "out"])
+def test_sdpa_reads_any_strides(kind, strided):
+    """The fused ops index the head dimension as if contiguous; the backend must hand them such tensors."""
+    q, k, v, dout = _tensors(2, 33, 33, 4, 2, 16, torch.float32)
+    scale = 16**-0.5
+    ref_out, ref_lse = REFERENCE.forward(q, k, v, kind, scale)
+    ref_grads = REFERENCE.backward(dout, q, k, v, ref_out, ref_lse, kind, scale)
+    tensors = {"q": q, "k": k, "v": v, "dout": dout, "out": ref_out}
+    tensors[strided] = _strided_like(tensors[strided])
+    assert tensors[strided].stride(-1) != 1
+    out, lse = SDPA.forward(tensors["q"], tensors["k"], tensors["v"], kind, scale)
+    assert _rel(out, ref_out) < 2e-6 and _rel(lse, ref_lse) < 2e-6
+    grads = SDPA.backward(
+        tensors["dout"], tensors["q"], tensors["k"], tensors["v"], tensors["out"], ref_lse, kind, scale
+    )
+    for name, got, want in zip("qkv", grads, ref_grads, strict=True):
+        assert _rel(got, want) < 2e-6, (name, _rel(got, want))
+
+
 @pytest.mark.parametrize("name", ["sdpa", "reference"])
 @pytest.mark.parametrize("heads", [(4, 4), (6, 2)])
 def test_backward_with_merged_out_and_lse(name, heads):

@@ -237,6 +237,7 @@ class SDPABackend(AttentionBackend):
 
 def _cuda_flash_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
     """torch's CUDA flash kernel: dense (``[B, T, H, D]``, no offsets) or varlen (``[T, H, D]`` and offsets)."""
+    q, k, v = (_unit_stride(x) for x in (q, k, v))
     out, lse, *_ = torch.ops.aten._flash_attention_forward(
         q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale
     )
@@ -245,12 +246,13 @@ def _cuda_flash_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
 
 def _cuda_flash_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
     """The backward of :func:`_cuda_flash_forward` given the final ``out`` and ``lse``."""
+    q, k, v = (_unit_stride(x) for x in (q, k, v))
     return torch.ops.aten._flash_attention_backward(
-        dout.to(q.dtype),
+        _unit_stride(dout.to(q.dtype)),
         q,
         k,
         v,
-        out.to(q.dtype),
+        _unit_stride(out.to(q.dtype)),
         lse.float().contiguous(),
         cu_q,
         cu_k,
@@ -264,10 +266,17 @@ def _cuda_flash_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, caus
     )
 
 
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with a contiguous last dimension. The fused kernels index the head dimension as if its stride were
+    1 whatever the tensor says (torch's CPU flash op reads garbage otherwise; ``F.scaled_dot_product_attention``
+    checks this before it picks a kernel, calling the op directly does not)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _cpu_compute(x: torch.Tensor) -> torch.Tensor:
     # bf16/fp16 blocks in fp32: the CPU flash kernel accumulates in fp32 anyway, and a merged result stays
     # as exact as one fused call over the whole sequence (partial outputs are not rounded to 16 bits).
-    return x.float() if x.dtype in _HALF else x
+    return _unit_stride(x.float() if x.dtype in _HALF else x)
 
 
 class FlashAttnBackend(AttentionBackend):
@@ -295,6 +304,7 @@ class FlashAttnBackend(AttentionBackend):
 
     def forward(self, q, k, v, kind, scale):
         fa = self._interface()
+        q, k, v = (_unit_stride(x) for x in (q, k, v))
         out, lse, *_ = fa._flash_attn_forward(
             q, k, v, 0.0, scale, causal=kind is BlockKind.CAUSAL, **_plain_args(fa._flash_attn_forward)
         )
@@ -304,6 +314,7 @@ class FlashAttnBackend(AttentionBackend):
         fa = self._interface()
         if out is None:
             out = _out_with_delta(dout, delta)
+        q, k, v = (_unit_stride(x) for x in (q, k, v))
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         fa._flash_attn_backward(
             dout.to(q.dtype).contiguous(),
@@ -327,6 +338,7 @@ class FlashAttnBackend(AttentionBackend):
 
     def forward_varlen(self, q, k, v, pieces, causal, scale):
         fa = self._interface()
+        q, k, v = (_unit_stride(x) for x in (q, k, v))
         out, lse, *_ = fa._flash_attn_varlen_forward(
             q, k, v, pieces.cu_q, pieces.cu_k, pieces.max_q, pieces.max_k, 0.0, scale, causal=causal,
             **_plain_args(fa._flash_attn_varlen_forward),
@@ -336,6 +348,7 @@ class FlashAttnBackend(AttentionBackend):
     def backward_varlen(self, dout, q, k, v, out, lse, pieces, causal, scale, delta=None):
         fa = self._interface()
         out = _varlen_out(dout, out, delta)
+        q, k, v = (_unit_stride(x) for x in (q, k, v))
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         fa._flash_attn_varlen_backward(
             dout.to(q.dtype).contiguous(), q, k, v, out.to(q.dtype).contiguous(), lse.float().contiguous(),
