@@ -20,6 +20,8 @@ from pathlib import Path
 
 from _common import RESULTS, machine
 
+from distseq.train.metrics import read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "runs" / "tiny-hybrid-cpu.yaml"
 
@@ -29,8 +31,7 @@ def _train(prefix: list[str], out: Path, overrides: list[str]) -> tuple[list[dic
     start = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True)
     elapsed = time.perf_counter() - start
-    lines = (out / "tiny-hybrid-cpu" / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines], elapsed
+    return read_metrics(out / "tiny-hybrid-cpu" / "metrics.jsonl"), elapsed  # the step rows, not events
 
 
 def main() -> None:

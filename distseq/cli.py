@@ -5,6 +5,8 @@ torchrun --nproc-per-node 4 -m distseq check  verify every collective: values, b
 distseq check --nproc 4                       the same, spawning gloo ranks on this machine
 torchrun --nproc-per-node 4 -m distseq train --config configs/runs/tiny-hybrid-cpu.yaml [key=value ...]
                                               a training run ([--resume [DIR]], [--dry-run --world-size N])
+distseq plot RUN_DIR [RUN_DIR ...] [--output FILE]
+                                              loss, eval accuracy and tokens/s against step (needs matplotlib)
 distseq data prepare FILES... --output OUT    text files -> a memory-mapped token file
 """
 
@@ -140,6 +142,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from distseq.train.plot import MatplotlibMissing, default_output, plot_runs
+
+    output = args.output or default_output(args.run_dirs)
+    try:
+        written = plot_runs(args.run_dirs, output)
+    except MatplotlibMissing as err:
+        print(f"distseq plot: {err}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError) as err:
+        print(f"distseq plot: {err}", file=sys.stderr)
+        return 2
+    print(written)
+    return 0
+
+
 def _dry_run(cfg, world_size: int) -> int:
     """The resolved layout, per-rank memory estimate and communication plan; no process group, no model."""
     from distseq.train.plan import format_plan, plan_report
@@ -209,6 +227,21 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--world-size", type=int, default=None, help="ranks to plan for with --dry-run")
     train.set_defaults(fn=_cmd_train)
+
+    plot = sub.add_parser(
+        "plot",
+        help="draw training loss, eval accuracy and tokens/s against step from runs' metrics.jsonl (needs matplotlib)",
+        description="Draw one or more runs on one figure (one colour per run, labelled with the run directory's "
+        "name): training loss, held-out accuracy with its chance level, and tokens/s, each against step.",
+    )
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories holding metrics.jsonl")
+    plot.add_argument(
+        "--output",
+        default=None,
+        metavar="FILE",
+        help="PNG to write (default: RUN_DIR/metrics.png for one run, ./runs_comparison.png for several)",
+    )
+    plot.set_defaults(fn=_cmd_plot)
 
     data = sub.add_parser("data", help="data tools")
     data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)

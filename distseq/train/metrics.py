@@ -1,5 +1,5 @@
-"""Training metrics: model FLOPs, peak TFLOP/s and MFU, throughput, memory, communication bytes, and the
-rank-0 logger (JSON lines, progress line, optional TensorBoard).
+"""Training metrics: model FLOPs, peak TFLOP/s and MFU, throughput, memory, communication bytes, the rank-0
+logger (JSON lines, progress line, optional TensorBoard), and reading and rewinding its ``metrics.jsonl``.
 
 FLOP convention (docs/metrics.md): a matmul ``[m, k] x [k, n]`` is ``2 m k n`` FLOPs; causal softmax
 attention counts each query-key pair once (the lower triangle, ``T (T + 1) / 2`` pairs), not the square
@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from distseq.parallel.comm import Communicator
 
 __all__ = [
+    "EVENT_KEY",
+    "METRICS_FILE",
     "PEAK_TFLOPS",
     "CommMeter",
     "MetricsLogger",
@@ -33,12 +36,22 @@ __all__ = [
     "StepTimer",
     "comm_bytes_by_name",
     "comm_bytes_delta",
+    "dropped_path",
     "mfu",
     "model_flops_per_sequence",
     "peak_memory_bytes",
     "peak_tflops",
+    "read_metrics",
+    "rewind_metrics",
     "step_rates",
+    "summary_line",
 ]
+
+#: Rank 0's record of a run, in the run directory.
+METRICS_FILE = "metrics.jsonl"
+#: A ``metrics.jsonl`` row with this key is an event (``"resume"``), not a training step; readers of the step
+#: series skip it.
+EVENT_KEY = "event"
 
 
 def _causal_pairs(length: int) -> int:
@@ -397,6 +410,13 @@ class MetricsLogger:
             self._stream.write(self._progress(step, fields, bar=False) + "\n")
             self._stream.flush()
 
+    def event(self, kind: str, **fields: Any) -> None:
+        """Record an event row ``{"event": kind, **fields}`` (a resume): in the file only, so the progress line
+        and TensorBoard keep showing steps."""
+        if self.active and self._file is not None:
+            self._file.write(json.dumps({EVENT_KEY: kind, **fields}, default=_jsonable) + "\n")
+            self._file.flush()
+
     def _progress(self, step: int, fields: Mapping[str, Any], *, bar: bool) -> str:
         parts = [f"step {step}/{self.total_steps}"]
         if "loss" in fields:
@@ -432,3 +452,88 @@ class MetricsLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _parse_row(line: str) -> dict[str, Any] | None:
+    """One ``metrics.jsonl`` line as a dict; None when it is not a JSON object (a line cut short by a crash)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def read_metrics(path: str | os.PathLike, *, events: bool = False) -> list[dict[str, Any]]:
+    """The step rows of a ``metrics.jsonl`` in file order (event rows skipped), or with ``events=True`` the
+    event rows only. A last line that is not JSON (cut short when a run was killed mid-write) is ignored; any
+    other one raises ValueError naming the file and line."""
+    path = Path(path)
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        row = _parse_row(line)
+        if row is None:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number} is not a JSON object: {line[:80]!r}")
+        if (EVENT_KEY in row) == events:
+            rows.append(row)
+    return rows
+
+
+def dropped_path(path: str | os.PathLike) -> Path:
+    """Where :func:`rewind_metrics` moves the rows it cuts: ``metrics.jsonl`` -> ``metrics.dropped.jsonl``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.dropped{path.suffix}")
+
+
+def rewind_metrics(path: str | os.PathLike, step: int) -> int:
+    """Cut ``metrics.jsonl`` back to a checkpoint taken at ``step``, before a resumed run appends to it, so the
+    file holds one trajectory: each step once, in order. Returns how many rows were cut.
+
+    The file keeps its longest prefix of rows with ``step <= step`` (rows without a step count as kept); from
+    the first other row on (a step the crashed run logged after its last checkpoint, a line cut short by the
+    kill, anything after them) every line is appended verbatim to :func:`dropped_path`, so nothing is lost.
+    The dropped rows are written before the file is replaced (atomically), so a crash in between duplicates
+    rows in the dropped file rather than losing them. A missing file is nothing to cut (0)."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    lines = [line if line.endswith("\n") else line + "\n" for line in path.read_text(encoding="utf-8").splitlines()]
+    cut = len(lines)
+    for index, line in enumerate(lines):
+        row = _parse_row(line)
+        if row is None or (isinstance(row.get("step"), int) and row["step"] > step):
+            cut = index
+            break
+    kept, dropped = lines[:cut], [line for line in lines[cut:] if line.strip()]
+    if not dropped:
+        return 0
+    with open(dropped_path(path), "a", encoding="utf-8") as out:
+        out.writelines(dropped)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+    return len(dropped)
+
+
+def summary_line(
+    *,
+    step: int,
+    start_step: int,
+    seconds: float,
+    loss: float | None,
+    evaluation: Mapping[str, float] | None = None,
+) -> str:
+    """The one line that ends a run: ``done: 500 steps in 107.3 s | loss 0.5200 | eval accuracy 0.953 (chance
+    0.062)``; a resumed run names its start step, the time is this run's; the parts without a value are left out."""
+    resumed = f" (resumed at step {start_step})" if start_step else ""
+    parts = [f"done: {step} steps{resumed} in {seconds:.1f} s"]
+    if loss is not None:
+        parts.append(f"loss {loss:.4f}")
+    if evaluation and "eval_accuracy" in evaluation:
+        accuracy = f"eval accuracy {evaluation['eval_accuracy']:.3f}"
+        if evaluation.get("eval_chance") is not None:
+            accuracy += f" (chance {evaluation['eval_chance']:.3f})"
+        parts.append(accuracy)
+    return " | ".join(parts)

@@ -9,7 +9,13 @@ The order matters and is the contract of the command:
 3. the model, built whole with the run's seed on every rank, then split by the TP/EP plan and wrapped for
    data parallelism; AdamW; the loader; a checkpoint to resume from if asked;
 4. the loop: micro-batches accumulated under one global loss normaliser, gradients reduced, clipped by the
-   global norm, a warmup + cosine learning rate, metrics on rank 0, evaluation and checkpoints.
+   global norm, a warmup + cosine learning rate, metrics on rank 0, evaluation and checkpoints;
+5. after the last step, rank 0 draws ``metrics.png`` (when matplotlib is installed) and prints one line with
+   the result.
+
+A resumed run first cuts ``metrics.jsonl`` back to the checkpoint's step (the steps a crashed run logged after
+its last checkpoint move to ``metrics.dropped.jsonl``) and records a ``resume`` event row, so the file holds
+each step once.
 
 A non-finite loss or gradient norm stops the run with :class:`TrainingDiverged` before the optimizer step,
 so the last checkpoint stays the last good one.
@@ -20,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -41,7 +48,17 @@ from distseq.parallel.layout import SequenceLayout
 from distseq.parallel.mesh import MeshAxis, ParallelDims
 from distseq.parallel.sequence.context import SequenceParallel
 from distseq.train.checkpoint import CheckpointManager, checkpoint_mesh, param_shards
-from distseq.train.metrics import MetricsLogger, mfu, model_flops_per_sequence, peak_memory_bytes, peak_tflops
+from distseq.train.metrics import (
+    METRICS_FILE,
+    MetricsLogger,
+    mfu,
+    model_flops_per_sequence,
+    peak_memory_bytes,
+    peak_tflops,
+    rewind_metrics,
+    summary_line,
+)
+from distseq.train.plot import plot_finished_run
 
 __all__ = ["TrainingDiverged", "TrainResult", "run_training", "validate"]
 
@@ -151,6 +168,7 @@ def _device_and_backend(cfg: RunConfig) -> tuple[torch.device, str]:
 
 def run_training(cfg: RunConfig, *, resume: bool | str = False) -> TrainResult:
     """Train as ``cfg`` says, in this process (one rank of a torchrun job, or alone); returns rank 0's record."""
+    started = time.perf_counter()
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     plan = validate(cfg, world)
     device, backend = _device_and_backend(cfg)
@@ -160,7 +178,7 @@ def run_training(cfg: RunConfig, *, resume: bool | str = False) -> TrainResult:
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.parallel.collective_timeout_s))
     try:
-        return _Run(cfg, plan, device, resume).loop()
+        return _Run(cfg, plan, device, resume, started=started).loop()
     finally:
         if owns_group:
             dist.destroy_process_group()
@@ -177,8 +195,8 @@ def _free_port() -> int:
 class _Run:
     """The state of one run on one rank."""
 
-    def __init__(self, cfg: RunConfig, plan: _Plan, device: torch.device, resume: bool | str):
-        self.cfg, self.device, self.dims = cfg, device, plan.dims
+    def __init__(self, cfg: RunConfig, plan: _Plan, device: torch.device, resume: bool | str, *, started: float):
+        self.cfg, self.device, self.dims, self.started = cfg, device, plan.dims, started
         self.rank = dist.get_rank()
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -267,14 +285,26 @@ class _Run:
                 f"{device.type}); linear layers: {self.seq.linear.name}",
                 flush=True,
             )
+        metrics_path = self.run_dir / METRICS_FILE
+        # Before the logger appends: the steps a crashed run logged after this checkpoint are not this run's (and
+        # none of an earlier run in the same directory is, when this run starts from step 0).
+        dropped = rewind_metrics(metrics_path, self.step) if self.rank == 0 else 0
         self.logger = MetricsLogger(
-            str(self.run_dir / "metrics.jsonl"),
+            str(metrics_path),
             rank=self.rank,
             total_steps=cfg.train.steps,
             tensorboard_dir=str(self.run_dir / "tensorboard") if cfg.metrics.tensorboard else None,
             print_every=cfg.metrics.print_every,
             start_step=self.step,
         )
+        if resume:
+            self.logger.event(
+                "resume",
+                step=self.step,
+                checkpoint=self._relative_to_run(self.result.last_checkpoint),
+                dropped_rows=dropped,
+                layout=self._degrees(),
+            )
 
     # -- resume ----------------------------------------------------------------------------------------
 
@@ -289,6 +319,11 @@ class _Run:
         self.loader.load_state_dict(meta["loader"])
         self.result.start_step = self.step
         self.result.last_checkpoint = str(path)
+
+    def _relative_to_run(self, path: str) -> str:
+        """``path`` relative to the run directory when it lies inside it (the usual checkpoints/step_N)."""
+        absolute, run_dir = Path(path).resolve(), self.run_dir.resolve()
+        return str(absolute.relative_to(run_dir)) if absolute.is_relative_to(run_dir) else str(absolute)
 
     def _degrees(self) -> dict[str, int]:
         return {"dp": self.dims.dp, "sp": self.dims.sp, "tp": self.dims.tp, "ep": self.dims.ep}
@@ -460,7 +495,22 @@ class _Run:
                     self._save()
         finally:
             self.logger.close()
+        if self.rank == 0:  # only a completed run gets here
+            self._finish()
         return self.result
+
+    def _finish(self) -> None:
+        """Rank 0, after the last step: the picture of the run, then the one line naming its result."""
+        seconds = time.perf_counter() - self.started
+        plot_finished_run(self.run_dir)
+        line = summary_line(
+            step=self.step,
+            start_step=self.result.start_step,
+            seconds=seconds,
+            loss=self.result.losses[-1] if self.result.losses else None,
+            evaluation=self.result.evals[-1] if self.result.evals else None,
+        )
+        print(line, file=sys.stderr, flush=True)
 
 
 def global_grad_norm(
