@@ -33,6 +33,10 @@ class ModelConfig:
         qk_norm: RMSNorm on the softmax layers' queries and keys (per head).
         linear_gate: data-dependent per-head gate in the linear layers (on top of the fixed decay).
         linear_output_gate: sigmoid output gate on the linear layers.
+        short_conv_size: width of a causal depthwise convolution (then SiLU) on the q, k and v projections of the
+            linear layers, as flash-linear-attention's layers have (they use 4); 0 = none. It mixes each token
+            with the few before it, across shard boundaries (a halo exchange).
+        short_conv_softmax: the same convolution on the softmax layers' q, k and v too.
         norm_eps: RMSNorm epsilon.
         tie_embeddings: share the embedding and LM-head weights.
         loss_chunk_size: tokens whose logits exist at once when computing the loss.
@@ -57,6 +61,8 @@ class ModelConfig:
     qk_norm: bool = False
     linear_gate: bool = False
     linear_output_gate: bool = True
+    short_conv_size: int = 0
+    short_conv_softmax: bool = False
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
     loss_chunk_size: int = 4096
@@ -103,6 +109,11 @@ class ModelConfig:
             )
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k must be <= num_experts: top_k={self.top_k}, num_experts={self.num_experts}")
+        if self.short_conv_size < 0 or (self.short_conv_softmax and self.short_conv_size == 0):
+            raise ValueError(
+                f"short_conv_size must be >= 0 (and > 0 for short_conv_softmax): short_conv_size="
+                f"{self.short_conv_size}, short_conv_softmax={self.short_conv_softmax}"
+            )
         if self.moe_interval < 0:
             raise ValueError(f"moe_interval must be >= 0, got {self.moe_interval}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:

@@ -13,8 +13,9 @@ from torch import nn
 
 from distseq.config.model import ModelConfig
 from distseq.parallel.sequence.context import SequenceParallel
+from distseq.parallel.tensor import shard_parameter as tp_shard
 
-__all__ = ["LinearAttention", "SoftmaxAttention", "SwiGLU", "apply_rope", "lightning_decay"]
+__all__ = ["LinearAttention", "ShortConv", "SoftmaxAttention", "SwiGLU", "apply_rope", "lightning_decay"]
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
@@ -31,6 +32,42 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.
 def lightning_decay(num_heads: int) -> torch.Tensor:
     """Per-head log decays ``-2^(-8 (h+1) / H)`` (the ALiBi / lightning-attention slopes), ``[H]``."""
     return -torch.exp2(-8.0 * torch.arange(1, num_heads + 1, dtype=torch.float64) / num_heads).float()
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise convolutions of width ``size`` on the q, k and v projections, then SiLU, in one call
+    (one halo exchange for the three). One filter per channel; a tensor-parallel plan keeps each rank's
+    channels (:meth:`shard_channels`).
+
+    Args:
+        channels: the widths of q, k and v (their projections' output sizes).
+        size: the filter width (the last tap multiplies the current token).
+    """
+
+    def __init__(self, channels: tuple[int, int, int], size: int):
+        super().__init__()
+        self.size = size
+        bound = size**-0.5  # torch.nn.Conv1d's default for a depthwise filter (fan-in = size)
+        self.q_weight, self.k_weight, self.v_weight = (
+            nn.Parameter(torch.empty(c, size).uniform_(-bound, bound)) for c in channels
+        )
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: SequenceParallel
+    ) -> tuple[torch.Tensor, ...]:
+        """``q``, ``k``, ``v``: ``[B, n, C_i]`` projections of this rank's tokens."""
+        weights = (self.q_weight, self.k_weight, self.v_weight)
+        mixed = seq.short_conv(torch.cat([q, k, v], dim=-1), torch.cat(weights))
+        return F.silu(mixed).split([w.shape[0] for w in weights], dim=-1)
+
+    def shard_channels(self, rank: int, size: int) -> None:
+        """Keep the filters of tensor-parallel rank ``rank``'s channels (its slice of each projection)."""
+        for name in ("q_weight", "k_weight", "v_weight"):
+            weight = getattr(self, name)
+            if weight.shape[0] % size:
+                raise ValueError(f"tp={size} must divide the {name} channels: {weight.shape[0]}")
+            part = weight.shape[0] // size
+            setattr(self, name, tp_shard(weight, slice(rank * part, (rank + 1) * part), 0))
 
 
 class SwiGLU(nn.Module):
@@ -56,12 +93,20 @@ class SoftmaxAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.conv = (
+            ShortConv(
+                (self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features), cfg.short_conv_size
+            )
+            if cfg.short_conv_softmax
+            else None
+        )
 
     def forward(self, x: torch.Tensor, seq: SequenceParallel) -> torch.Tensor:
         batch, tokens, _ = x.shape
-        q = self.q_proj(x).view(batch, tokens, -1, self.head_dim)
-        k = self.k_proj(x).view(batch, tokens, -1, self.head_dim)
-        v = self.v_proj(x).view(batch, tokens, -1, self.head_dim)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.conv is not None:
+            q, k, v = self.conv(q, k, v, seq)
+        q, k, v = (t.view(batch, tokens, -1, self.head_dim) for t in (q, k, v))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         positions = seq.positions(x.device)
@@ -86,12 +131,15 @@ class LinearAttention(nn.Module):
         self.out_gate_proj = nn.Linear(cfg.hidden_size, inner, bias=False) if cfg.linear_output_gate else None
         self.out_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
         self.register_buffer("decay", lightning_decay(cfg.num_heads), persistent=False)  # [H], log space
+        self.conv = ShortConv((inner, inner, inner), cfg.short_conv_size) if cfg.short_conv_size else None
 
     def forward(self, x: torch.Tensor, seq: SequenceParallel) -> torch.Tensor:
         batch, tokens, _ = x.shape
-        q = self.q_proj(x).view(batch, tokens, -1, self.head_dim) * self.head_dim**-0.5
-        k = self.k_proj(x).view(batch, tokens, -1, self.head_dim)
-        v = self.v_proj(x).view(batch, tokens, -1, self.head_dim)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.conv is not None:
+            q, k, v = self.conv(q, k, v, seq)
+        q = q.view(batch, tokens, -1, self.head_dim) * self.head_dim**-0.5
+        k, v = k.view(batch, tokens, -1, self.head_dim), v.view(batch, tokens, -1, self.head_dim)
         gate = None
         if self.gate_proj is not None:
             logits = self.gate_proj(x)

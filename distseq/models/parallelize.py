@@ -11,7 +11,7 @@ from functools import partial
 
 from distseq.config.model import ModelConfig
 from distseq.models.hybrid import HybridLM
-from distseq.models.layers import LinearAttention, SoftmaxAttention
+from distseq.models.layers import LinearAttention, ShortConv, SoftmaxAttention
 from distseq.models.moe import MoE
 from distseq.parallel.comm import Communicator
 from distseq.parallel.data import TP_PARTIAL_ATTR
@@ -68,6 +68,8 @@ def parallelize_hybrid(model: HybridLM, dims: ParallelDims, comms: dict[MeshAxis
         for module in model.modules():
             if isinstance(module, LinearAttention):  # the fixed decays follow their heads
                 module.decay = module.decay[tp.rank * heads : (tp.rank + 1) * heads]
+            if isinstance(module, ShortConv):  # per-channel filters follow the column-split projections
+                module.shard_channels(tp.rank, tp.size)
             if isinstance(module, (LinearAttention, SoftmaxAttention)):
                 # Per-head norms see only this rank's heads: their gradients are partial sums over tp.
                 for norm in (

@@ -30,6 +30,7 @@ __all__ = [
     "gather_from_tp",
     "parallelize_module",
     "reduce_from_tp",
+    "shard_parameter",
     "vocab_parallel_argmax",
     "vocab_parallel_cross_entropy",
 ]
@@ -98,7 +99,7 @@ def _split(size: int, comm: Communicator, what: str) -> slice:
     return slice(comm.rank * part, (comm.rank + 1) * part)
 
 
-def _shard(t: torch.Tensor, index: tuple[slice, ...] | slice, dim: int | None) -> nn.Parameter:
+def shard_parameter(t: torch.Tensor, index: tuple[slice, ...] | slice, dim: int | None) -> nn.Parameter:
     """A parameter holding ``t[index]``, marked with the dim it is split on over tp (None: replicated)."""
     p = nn.Parameter(t.detach()[index].clone(), requires_grad=t.requires_grad)
     if dim is not None:
@@ -127,8 +128,8 @@ class ColumnParallelLinear(nn.Module):
     ) -> ColumnParallelLinear:
         """This rank's shard of ``linear``; ``name`` is the module path used in error messages."""
         rows = _split(linear.out_features, comm, f"{name}.out_features")
-        bias = None if linear.bias is None else _shard(linear.bias, rows, 0)
-        return cls(_shard(linear.weight, rows, 0), bias, comm, gather_output=gather_output)
+        bias = None if linear.bias is None else shard_parameter(linear.bias, rows, 0)
+        return cls(shard_parameter(linear.weight, rows, 0), bias, comm, gather_output=gather_output)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(copy_to_tp(x, self.comm), self.weight, self.bias)
@@ -159,8 +160,8 @@ class RowParallelLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, comm: Communicator, *, name: str = "linear") -> RowParallelLinear:
         """This rank's shard of ``linear``; ``name`` is the module path used in error messages."""
         cols = _split(linear.in_features, comm, f"{name}.in_features")
-        bias = None if linear.bias is None else _shard(linear.bias, slice(None), None)
-        return cls(_shard(linear.weight, (slice(None), cols), 1), bias, comm)
+        bias = None if linear.bias is None else shard_parameter(linear.bias, slice(None), None)
+        return cls(shard_parameter(linear.weight, (slice(None), cols), 1), bias, comm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = reduce_from_tp(F.linear(x, self.weight), self.comm)
@@ -198,7 +199,7 @@ class VocabParallelEmbedding(nn.Module):
         padding_idx = emb.padding_idx
         if padding_idx is not None:
             padding_idx = padding_idx - rows.start if rows.start <= padding_idx < rows.stop else None
-        return cls(_shard(emb.weight, rows, 0), rows.start, comm, padding_idx=padding_idx)
+        return cls(shard_parameter(emb.weight, rows, 0), rows.start, comm, padding_idx=padding_idx)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.vocab_start

@@ -1,7 +1,7 @@
 """The hybrid MoE model sharded over data and sequence ranks equals a single-process run of the same model on
 the same global batch: loss (<= 1e-5 relative), every parameter's gradient (<= 1e-5 relative to its largest
 entry) and the parameters after one optimizer step, fp32, for every softmax strategy with LASP-2 on both token
-layouts, with packed documents crossing ranks.
+layouts, with packed documents crossing ranks; short convolutions in every attention layer.
 
 The optimizer step is SGD with momentum and weight decay: Adam's first step divides each gradient by its own
 magnitude, which turns the fp32 rounding of gradients near zero (different summation order over ranks) into
@@ -10,19 +10,18 @@ differences of order lr, so it cannot be compared at 1e-5.
 
 from __future__ import annotations
 
-import fnmatch
-
 import pytest
 import torch
 import torch.distributed as dist
 
 from distseq.config.model import ModelConfig
 from distseq.models.hybrid import IGNORE_INDEX, HybridLM
-from distseq.models.parallelize import TP_PLAN, parallelize_hybrid
+from distseq.models.parallelize import parallelize_hybrid
 from distseq.parallel.data import data_parallel, reduce_gradients
 from distseq.parallel.layout import SequenceLayout
 from distseq.parallel.mesh import MeshAxis, ParallelDims
 from distseq.parallel.sequence.context import SequenceParallel
+from distseq.parallel.tensor import TP_SHARD_DIM_ATTR
 
 CONFIG = dict(
     vocab_size=64,
@@ -38,6 +37,8 @@ CONFIG = dict(
     shared_expert=True,
     qk_norm=True,
     linear_gate=True,
+    short_conv_size=4,  # its halos cross ranks (zigzag at sp = 4: chunks of 4 tokens)
+    short_conv_softmax=True,
     loss_chunk_size=24,
 )
 SEQ_LEN, ROWS = 32, 2
@@ -112,18 +113,14 @@ def job_parity(
     reduce_gradients(model, token_comm, comms[MeshAxis.EDP], comms[MeshAxis.TP])
     ref_loss, ref_grads, ref_params = _reference(overrides)
 
+    params = dict(model.named_parameters())
+
     def shard(name, full):  # the part of a full reference tensor this rank holds
         if ep > 1 and name.endswith(("w_gate_up", "w_down")):
             local = full.shape[0] // ep
             return full[coords[MeshAxis.EP] * local : (coords[MeshAxis.EP] + 1) * local]
-        module = name.rpartition(".")[0]
-        style = next((v for k, v in TP_PLAN.items() if fnmatch.fnmatchcase(module, k)), None)
-        if tp == 1 or style is None:
-            return full
-        r = coords[MeshAxis.TP]
-        if style == "rowwise" and name.endswith(".weight"):
-            return full.chunk(tp, dim=1)[r]
-        return full if style == "rowwise" else full.chunk(tp, dim=0)[r]
+        dim = getattr(params[name], TP_SHARD_DIM_ATTR, None)  # the split the TP plan marked
+        return full if tp == 1 or dim is None else full.chunk(tp, dim=dim)[coords[MeshAxis.TP]]
 
     failures = []
     _close("loss", loss, torch.tensor(ref_loss), failures)

@@ -15,6 +15,7 @@ import torch
 from distseq.parallel.comm import CommStats, Communicator
 from distseq.parallel.layout import SequenceLayout
 from distseq.parallel.sequence.base import SequenceStrategy
+from distseq.parallel.sequence.conv import causal_conv
 from distseq.parallel.sequence.registry import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES, make_strategy
 
 __all__ = ["SequenceParallel"]
@@ -26,6 +27,8 @@ class SequenceParallel:
     softmax: SequenceStrategy
     linear: SequenceStrategy
     cu_seqlens: torch.Tensor | None = None  # global document offsets of the current batch
+    #: token-level exchanges between neighbouring chunks (the short convolutions' halos); None: sp = 1 only
+    comm: Communicator | None = None
 
     @classmethod
     def build(
@@ -48,6 +51,7 @@ class SequenceParallel:
             # Views of one group, so each layer type's traffic is counted apart (CommStats per strategy).
             make_strategy(softmax, comm.view(f"{comm.name}.softmax.{softmax}"), layout, **(softmax_options or {})),
             make_strategy(linear, comm.view(f"{comm.name}.linear.{linear}"), layout, **(linear_options or {})),
+            comm=comm.view(f"{comm.name}.conv"),
         )
 
     @classmethod
@@ -63,6 +67,12 @@ class SequenceParallel:
     def positions(self, device: torch.device | str | None = None) -> torch.Tensor:
         return self.layout.positions(device)
 
+    def short_conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Causal depthwise convolution of this rank's tokens ``[B, n, C]`` with ``weight`` ``[C, W]`` over the
+        whole (sharded) sequence, per document; see :func:`~distseq.parallel.sequence.conv.causal_conv`."""
+        comm = self.comm if self.comm is not None else Communicator.solo()
+        return causal_conv(x, weight, self.layout.with_documents(self.cu_seqlens), comm)
+
     def strategies(self) -> list[SequenceStrategy]:
         return [self.softmax, self.linear]
 
@@ -75,4 +85,6 @@ class SequenceParallel:
             for comm in strategy.communicators():
                 merged.add(comm.stats)
             out[f"{kind}.{strategy.name}"] = merged
+        if self.comm is not None and self.comm.stats.calls:
+            out["conv"] = self.comm.stats
         return out
