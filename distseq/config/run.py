@@ -85,12 +85,14 @@ class ParallelConfig:
 @dataclass(kw_only=True)
 class SyntheticConfig:
     """The multi-query associative recall task (``distseq.data.synthetic``): key-value pairs early in the
-    sequence, queries at its end, loss and accuracy on the answers only."""
+    sequence, queries at its end, loss and accuracy on the answers only. ``min_pairs``: each sample draws its
+    pair count from ``[min_pairs, num_pairs]`` (None: always ``num_pairs``)."""
 
     num_pairs: int = 4
     num_queries: int = 4
     num_keys: int = 64
     num_values: int = 16
+    min_pairs: int | None = None
 
 
 @dataclass(kw_only=True)

@@ -6,7 +6,9 @@ A sample of ``seq_len`` tokens reads::
     \\_ the first 2P positions _/                       \\_ the last 2Q positions _/
 
 ``P = num_pairs`` distinct keys each get a value; the queries repeat ``Q = num_queries`` of those keys (no key
-twice) near the end, each followed by its value. The loss is on the query keys only: the label there is the
+twice) near the end, each followed by its value. With ``min_pairs`` each sample draws its own ``P`` uniformly
+from ``[min_pairs, num_pairs]`` and asks ``min(Q, P)`` queries (the mix MQAR models are usually trained on: the
+samples with few pairs teach the lookup, the ones with many make it selective). The loss is on the query keys only: the label there is the
 value, which is also the next token of the sequence, so the task is ordinary next-token prediction with every
 other label ``IGNORE_INDEX``. Under a contiguous layout with ``sp`` ranks the pairs sit on rank 0 and the
 queries on rank ``sp - 1`` whenever both spans fit in ``seq_len / sp`` tokens, so answering needs attention
@@ -57,6 +59,7 @@ class RecallTask:
         num_queries: keys asked at the end (default ``num_pairs``); at most ``num_pairs``.
         num_keys: size of the key alphabet the pairs draw distinct keys from.
         num_values: size of the value alphabet (chance accuracy is ``1 / num_values``).
+        min_pairs: draw each sample's pair count from ``[min_pairs, num_pairs]``; None = always ``num_pairs``.
         seed: dataset seed.
 
     The defaults (4 pairs, 16 values, vocabulary >= 81) are small enough for a tiny model: a 4-layer,
@@ -76,9 +79,14 @@ class RecallTask:
         num_queries: int | None = None,
         num_keys: int = 64,
         num_values: int = 16,
+        min_pairs: int | None = None,
         seed: int = 0,
     ):
         num_queries = num_pairs if num_queries is None else num_queries
+        if min_pairs is not None and not 1 <= min_pairs <= num_pairs:
+            raise ValueError(
+                f"recall task needs 1 <= min_pairs <= num_pairs: min_pairs={min_pairs}, num_pairs={num_pairs}"
+            )
         if num_pairs < 1 or not 1 <= num_queries <= num_pairs or num_pairs > num_keys or num_values < 2:
             raise ValueError(
                 f"recall task needs 1 <= num_queries <= num_pairs <= num_keys and num_values >= 2: "
@@ -102,13 +110,14 @@ class RecallTask:
         self.num_queries = num_queries
         self.num_keys = num_keys
         self.num_values = num_values
+        self.min_pairs = min_pairs
         self.seed = seed
 
     def __repr__(self) -> str:
         return (
             f"RecallTask(seq_len={self.seq_len}, vocab_size={self.vocab_size}, num_pairs={self.num_pairs}, "
             f"num_queries={self.num_queries}, num_keys={self.num_keys}, num_values={self.num_values}, "
-            f"seed={self.seed})"
+            f"min_pairs={self.min_pairs}, seed={self.seed})"
         )
 
     @property
@@ -118,22 +127,31 @@ class RecallTask:
 
     @property
     def answer_positions(self) -> torch.Tensor:
-        """Global positions whose label is a value (the query keys), ``[num_queries]`` int64."""
-        first = self.seq_len - 2 * self.num_queries
-        return torch.arange(first, self.seq_len, 2)
+        """Global positions whose label is a value (the query keys), ``[num_queries]`` int64 (with a fixed
+        pair count; with ``min_pairs`` they differ by sample: read the labels)."""
+        if self.min_pairs is not None:
+            raise ValueError("answer_positions differ by sample when min_pairs is set; the labels mark them")
+        return self._answer_positions(self.num_queries)
+
+    def _answer_positions(self, queries: int) -> torch.Tensor:
+        return torch.arange(self.seq_len - 2 * queries, self.seq_len, 2)
 
     def generate(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole sample ``index``: ``(input_ids [seq_len], labels [seq_len])``, int64."""
         gen = _sample_generator(self.seed, index)
+        pairs, asks = self.num_pairs, self.num_queries
+        if self.min_pairs is not None:
+            pairs = int(torch.randint(self.min_pairs, self.num_pairs + 1, (1,), generator=gen))
+            asks = min(asks, pairs)
         value_start = self.num_keys
         filler_start = self.num_keys + self.num_values
-        keys = torch.randperm(self.num_keys, generator=gen)[: self.num_pairs]
-        values = value_start + torch.randint(self.num_values, (self.num_pairs,), generator=gen)
-        asked = torch.randperm(self.num_pairs, generator=gen)[: self.num_queries]
+        keys = torch.randperm(self.num_keys, generator=gen)[:pairs]
+        values = value_start + torch.randint(self.num_values, (pairs,), generator=gen)
+        asked = torch.randperm(pairs, generator=gen)[:asks]
         ids = torch.randint(filler_start, self.vocab_size, (self.seq_len,), generator=gen)
-        ids[0 : 2 * self.num_pairs : 2] = keys
-        ids[1 : 2 * self.num_pairs : 2] = values
-        queries = self.answer_positions
+        ids[0 : 2 * pairs : 2] = keys
+        ids[1 : 2 * pairs : 2] = values
+        queries = self._answer_positions(asks)
         ids[queries] = keys[asked]
         ids[queries + 1] = values[asked]
         labels = torch.full((self.seq_len,), IGNORE_INDEX, dtype=torch.int64)

@@ -131,6 +131,7 @@ def _make_source(cfg: RunConfig, *, eval_split: bool):
             num_queries=s.num_queries,
             num_keys=s.num_keys,
             num_values=s.num_values,
+            min_pairs=s.min_pairs,
             seed=seed,
         )
     from distseq.data.tokens import TokenFileSource

@@ -212,6 +212,10 @@ def test_config_errors():
         ModelConfig(mlp_pattern="DM")
     with pytest.raises(ValueError, match=r"top_k must be <= num_experts: top_k=5, num_experts=4"):
         ModelConfig(top_k=5)
+    with pytest.raises(ValueError, match=r"short_conv_size=0, short_conv_softmax=True"):
+        ModelConfig(short_conv_softmax=True)
+    with pytest.raises(ValueError, match=r"short_conv_size=-1"):
+        ModelConfig(short_conv_size=-1)
 
 
 def job_wrapped(mode: str) -> None:

@@ -105,6 +105,27 @@ def test_recall_answers_are_recoverable_and_only_answers_have_labels(num_pairs, 
     assert task.chance_accuracy == pytest.approx(1 / 16)
 
 
+def test_recall_with_a_pair_count_per_sample():
+    task = RecallTask(32, 100, num_pairs=8, num_queries=6, num_keys=20, num_values=16, min_pairs=2, seed=1)
+    seen = set()
+    for index in range(200):
+        ids, labels = task.generate(index)
+        answered = torch.nonzero(labels != IGNORE_INDEX).flatten().tolist()
+        pairs = next(p for p in range(8, 0, -1) if bool((ids[0 : 2 * p : 2] < 20).all()))
+        seen.add(pairs)
+        assert len(answered) == min(6, pairs)
+        assert answered == list(range(32 - 2 * len(answered), 32, 2)), "queries fill the end"
+        keys, values = ids[0 : 2 * pairs : 2].tolist(), ids[1 : 2 * pairs : 2]
+        for q in answered:
+            assert labels[q] == values[keys.index(ids[q].item())] == ids[q + 1]
+    assert seen == set(range(2, 9)), "every pair count in [min_pairs, num_pairs] occurs"
+    assert torch.equal(task.generate(7)[0], task.generate(7)[0])
+    with pytest.raises(ValueError, match="differ by sample"):
+        task.answer_positions
+    with pytest.raises(ValueError, match="min_pairs=9, num_pairs=8"):
+        RecallTask(32, 100, num_pairs=8, num_keys=20, min_pairs=9)
+
+
 @pytest.mark.parametrize("sp", [2, 4, 8])
 def test_recall_pairs_and_queries_on_different_contiguous_ranks(sp):
     task = RecallTask(64, 256, num_pairs=4, num_queries=3)
