@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def machine() -> str:
@@ -121,10 +122,21 @@ def plot(summary: list[dict], path: Path, title: str, series_key: Callable[[dict
     fig.savefig(path, dpi=120)
 
 
+def repo_relative(path: Path | str) -> str:
+    """``path`` relative to the repository root (only its file name when it lies outside), so a result file
+    never records where the repository was checked out."""
+    resolved = Path(path).resolve()
+    try:
+        return resolved.relative_to(ROOT).as_posix()
+    except ValueError:
+        return resolved.name
+
+
 def write_json(path: Path, config: dict, results: list[dict], machine_record: object = None) -> None:
-    """``machine_record`` replaces the one-line ``machine()`` description (e.g. a ``machine_info()`` dict)."""
+    """``machine_record`` replaces the one-line ``machine()`` description (e.g. a ``machine_info()`` dict); paths
+    in ``config`` are recorded relative to the repository root."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in config.items()}
+    config = {k: (repo_relative(v) if isinstance(v, Path) else v) for k, v in config.items()}
     record = machine() if machine_record is None else machine_record
     path.write_text(json.dumps({"machine": record, "config": config, "results": results}, indent=2) + "\n")
 

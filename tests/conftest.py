@@ -16,6 +16,18 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(autouse=True)
+def _restore_environment() -> Iterator[None]:
+    """Give every test the environment it started with. A command run in-process may set variables for the rest of
+    the process (``distseq train`` on one process sets torch.distributed's ``RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR`` and ``MASTER_PORT``); left behind, they would make a later test's ``distseq check --nproc 2``
+    believe it runs under torchrun with one rank."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def worlds() -> Iterator[Callable[[int], DistributedWorld]]:
     """``worlds(n)`` is a running gloo world of ``n`` spawned ranks, shared by the whole session."""

@@ -20,6 +20,7 @@ import multiprocessing as mp
 import os
 import queue
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -76,13 +77,21 @@ def _worker(
             results.put((rank, job_id, "ok", fn(*args, **kwargs)))
         except BaseException:
             results.put((rank, job_id, "error", traceback.format_exc()))
-        _destroy_subgroups()
+        _release_job_groups()
     dist.destroy_process_group()
 
 
-def _destroy_subgroups() -> None:
-    """Destroy the process groups a job created (meshes, per-axis groups). A long-lived world would otherwise
-    collect hundreds of groups, each with its own gloo threads, and slow every later job down."""
+def _release_job_groups() -> None:
+    """Destroy the process groups a job created (meshes, per-axis groups) and forget every cached reference to
+    them, so the next job starts from the world group alone, whatever ran before it.
+
+    Destroying matters for speed: a long-lived world would otherwise collect hundreds of groups, each with its
+    own gloo threads. Forgetting matters for correctness: DTensor caches its sharding decisions by operator
+    schema, and a ``DeviceMesh`` compares equal to any other mesh over the same ranks with the same axis names,
+    whatever its process group. A later job's mesh (FSDP2's ``dp_sp`` mesh of a new group, say) would then hit
+    entries made with an earlier job's mesh and get output specs whose group is destroyed: "Could not resolve
+    the process group registered under the name ...".
+    """
     import torch.distributed as dist
     from torch.distributed import distributed_c10d as c10d
 
@@ -93,6 +102,21 @@ def _destroy_subgroups() -> None:
     for group in list(c10d._world.pg_map):
         if group is not dist.GroupMember.WORLD:
             dist.destroy_process_group(group)
+    _clear_dtensor_caches()
+
+
+def _clear_dtensor_caches() -> None:
+    """Clear DTensor's sharding-propagation caches (the Python one and, where torch has it, the C++ fast path)."""
+    if "torch.distributed.tensor" not in sys.modules:  # no job in this process has used DTensor
+        return
+    try:
+        from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+    except ImportError:  # a torch without this private helper: clear the Python cache directly
+        from torch.distributed.tensor import DTensor
+
+        DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()
+        return
+    _clear_sharding_prop_cache()
 
 
 class DistributedWorld:

@@ -33,6 +33,17 @@ def job_exit() -> None:
     time.sleep(30)
 
 
+def job_dtensor_on_a_new_group() -> tuple[float, int]:
+    """A DTensor op on a mesh of a group this job creates (as FSDP2 over the dp_sp group does)."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    group = dist.new_group(list(range(dist.get_world_size())))
+    mesh = DeviceMesh.from_group(group, "cpu", mesh_dim_names=("tokens",))
+    x = distribute_tensor(torch.arange(8.0).reshape(4, 2), mesh, [Shard(0)])
+    return float((x * 2).sum().full_tensor()), len(dist.distributed_c10d._world.pg_map)
+
+
 def test_results_in_rank_order_with_args(worlds):
     assert worlds(4).run(job_rank_info, 10, scale=2) == [(r, 4, (r + 10) * 2) for r in range(4)]
 
@@ -60,3 +71,12 @@ def test_hang_fails_fast_with_timeout_and_world_recovers():
 def test_dead_rank_is_reported():
     with pytest.raises(RemoteError, match=r"rank\(s\) \[1\] died with exit codes \{1: 3\}"):
         run_distributed(job_exit, 2, timeout=60)
+
+
+def test_each_job_starts_from_the_world_group_alone(worlds):
+    """A job's groups are destroyed after it, and DTensor's cached sharding decisions with them: a mesh over the
+    same ranks and axis names compares equal to the last job's, and a stale cache entry would hand the second
+    job the first job's destroyed group ("Could not resolve the process group registered under the name ...")."""
+    first = worlds(2).run(job_dtensor_on_a_new_group)
+    second = worlds(2).run(job_dtensor_on_a_new_group)
+    assert first == second == [(56.0, 2)] * 2  # the world group and the job's own group, nothing left over
