@@ -175,9 +175,14 @@ def run_training(cfg: RunConfig, *, resume: bool | str = False) -> TrainResult:
     device, backend = _device_and_backend(cfg)
     owns_group = not dist.is_initialized()
     if owns_group:
+        timeout = timedelta(seconds=cfg.parallel.collective_timeout_s)
         if world == 1 and "MASTER_ADDR" not in os.environ:  # a plain `python -m distseq train`
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
-        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.parallel.collective_timeout_s))
+            # An explicit address rather than environment variables, which would outlive the run (a later
+            # `distseq check` in the same process would believe it runs under torchrun).
+            address = f"tcp://127.0.0.1:{_free_port()}"
+            dist.init_process_group(backend, init_method=address, rank=0, world_size=1, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     try:
         return _Run(cfg, plan, device, resume, started=started).loop()
     finally:

@@ -4,6 +4,7 @@ torchrun, and a token file made from text files trained on with packed documents
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -84,7 +85,10 @@ def test_prepare_then_train_on_packed_documents(tmp_path, capsys):
         "train.steps=4",
         f"output_dir={tmp_path / 'runs'}",
     ]
+    leaked = {name: os.environ.get(name) for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     assert main(["train", "--config", str(TINY), *overrides]) == 0
+    after = {name: os.environ.get(name) for name in leaked}
+    assert after == leaked, "a one-process run leaves torch.distributed's variables as it found them"
     lines = (tmp_path / "runs" / "tiny-hybrid-cpu" / "metrics.jsonl").read_text().splitlines()
     losses = [json.loads(line)["loss"] for line in lines]
     assert len(losses) == 4 and losses[-1] < losses[0]
