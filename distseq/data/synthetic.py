@@ -8,12 +8,13 @@ A sample of ``seq_len`` tokens reads::
 ``P = num_pairs`` distinct keys each get a value; the queries repeat ``Q = num_queries`` of those keys (no key
 twice) near the end, each followed by its value. With ``min_pairs`` each sample draws its own ``P`` uniformly
 from ``[min_pairs, num_pairs]`` and asks ``min(Q, P)`` queries (the mix MQAR models are usually trained on: the
-samples with few pairs teach the lookup, the ones with many make it selective). The loss is on the query keys only: the label there is the
-value, which is also the next token of the sequence, so the task is ordinary next-token prediction with every
-other label ``IGNORE_INDEX``. Under a contiguous layout with ``sp`` ranks the pairs sit on rank 0 and the
-queries on rank ``sp - 1`` whenever both spans fit in ``seq_len / sp`` tokens, so answering needs attention
-across shards. (A zigzag layout gives the first and the last chunk to rank 0, so there the pairs and the
-queries share a rank.)
+samples with few pairs teach the lookup, the ones with many make it selective).
+
+The loss is on the query keys only: the label there is the value, which is also the next token of the sequence,
+so the task is ordinary next-token prediction with every other label ``IGNORE_INDEX``. Under a contiguous layout
+with ``sp`` ranks the pairs sit on rank 0 and the queries on rank ``sp - 1`` whenever both spans fit in
+``seq_len / sp`` tokens, so answering needs attention across shards. (A zigzag layout gives the first and the
+last chunk to rank 0, so there the pairs and the queries share a rank.)
 
 Vocabulary (needs ``vocab_size >= num_keys + num_values + 1``): keys are tokens ``[0, num_keys)``, values
 ``[num_keys, num_keys + num_values)``, filler the rest ``[num_keys + num_values, vocab_size)``. Values are

@@ -209,17 +209,16 @@ def test_packed_documents_from_a_token_file_under_every_layout(worlds, tmp_path)
         _assert_close(got["losses"], want["losses"])
 
 
+@pytest.mark.timeout(300)
 def test_the_main_command_learns_the_recall_task(worlds, tmp_path):
-    """The README's run (500 steps, under two minutes): the loss falls clearly below the chance level of the
-    answers and the held-out recall accuracy, whose answers lie on the other SP shard, is well above chance.
-    (At 300 steps the accuracy sat within rounding noise of the bound: runs that agree to 1e-7 for 5 steps end
-    between 1.9x and 3.4x chance, depending only on the local kernels' rounding.)"""
+    """The README's run (400 steps, about two minutes on 4 gloo ranks): the model learns the recall task whose
+    answers lie on the other SP shard, held-out accuracy >= 0.9 (chance 1/16), the loss far below chance."""
     cfg = load_yaml(RunConfig, TINY, [f"output_dir={tmp_path}", "train.eval_every=0"])
     results = worlds(4).run(_learn_job, cfg, timeout=290)
     losses, final = results[0]
-    chance = final["eval_chance"]
-    assert losses[0] > 4.0 and max(losses[-10:]) < 2.65, losses[::10]  # ln(16) = 2.77 guesses a value
-    assert final["eval_accuracy"] >= 2 * chance, final
+    assert final["eval_chance"] == 1 / 16
+    assert losses[0] > 4.0 and max(losses[-10:]) < 0.5, losses[::10]  # ln(16) = 2.77 guesses a value
+    assert final["eval_accuracy"] >= 0.9, final
 
 
 def _learn_job(cfg: RunConfig) -> tuple[list[float], dict]:

@@ -121,7 +121,7 @@ def test_recall_with_a_pair_count_per_sample():
     assert seen == set(range(2, 9)), "every pair count in [min_pairs, num_pairs] occurs"
     assert torch.equal(task.generate(7)[0], task.generate(7)[0])
     with pytest.raises(ValueError, match="differ by sample"):
-        task.answer_positions
+        _ = task.answer_positions
     with pytest.raises(ValueError, match="min_pairs=9, num_pairs=8"):
         RecallTask(32, 100, num_pairs=8, num_keys=20, min_pairs=9)
 

@@ -67,11 +67,11 @@ class SequenceParallel:
     def positions(self, device: torch.device | str | None = None) -> torch.Tensor:
         return self.layout.positions(device)
 
-    def short_conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def short_conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """Causal depthwise convolution of this rank's tokens ``[B, n, C]`` with ``weight`` ``[C, W]`` over the
         whole (sharded) sequence, per document; see :func:`~distseq.parallel.sequence.conv.causal_conv`."""
         comm = self.comm if self.comm is not None else Communicator.solo()
-        return causal_conv(x, weight, self.layout.with_documents(self.cu_seqlens), comm)
+        return causal_conv(x, weight, self.layout.with_documents(self.cu_seqlens), comm, bias=bias)
 
     def strategies(self) -> list[SequenceStrategy]:
         return [self.softmax, self.linear]
