@@ -30,6 +30,9 @@ class ModelConfig:
         capacity_factor: None for dropless dispatch, else the per-rank expert capacity factor.
         aux_loss_coef: weight of the load-balancing loss.
         rope_theta: RoPE base of the softmax layers.
+        rope: rotary position embedding on the softmax layers' q and k; False = none, as in Jamba's attention
+            layers (order then comes from the causal mask, the short convolutions and the linear layers' decay),
+            which lets a content lookup learned on short sequences work at any distance.
         qk_norm: RMSNorm on the softmax layers' queries and keys (per head).
         linear_gate: data-dependent per-head gate in the linear layers (on top of the fixed decay).
         linear_output_gate: sigmoid output gate on the linear layers.
@@ -58,6 +61,7 @@ class ModelConfig:
     capacity_factor: float | None = None
     aux_loss_coef: float = 0.01
     rope_theta: float = 10000.0
+    rope: bool = True
     qk_norm: bool = False
     linear_gate: bool = False
     linear_output_gate: bool = True

@@ -182,6 +182,9 @@ class TrainConfig:
         activation_checkpointing: recompute each block in backward instead of keeping its activations.
         eval_every: evaluate every this many steps (and at the end); 0 = only at the end.
         deterministic: ``torch.use_deterministic_algorithms`` (GPU kernels may be slower).
+        init_from: a checkpoint directory (``runs/<name>/checkpoints/step_N``) whose model weights start this
+            run, under any layout and sequence length; the optimizer, the schedule and the data start afresh.
+            Ignored when the run resumes from its own checkpoint.
     """
 
     steps: int = 100
@@ -190,6 +193,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     eval_every: int = 0
     deterministic: bool = False
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.eval_every < 0:

@@ -90,7 +90,7 @@ class SoftmaxAttention(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
+        self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta if cfg.rope else None
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
@@ -113,8 +113,9 @@ class SoftmaxAttention(nn.Module):
         q, k, v = (t.view(batch, tokens, -1, self.head_dim) for t in (q, k, v))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        positions = seq.positions(x.device)
-        q, k = apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta)
+        if self.rope_theta is not None:
+            positions = seq.positions(x.device)
+            q, k = apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta)
         out = seq.softmax.attention(q, k, v, causal=True, cu_seqlens=seq.cu_seqlens)
         return self.o_proj(out.reshape(batch, tokens, -1))
 

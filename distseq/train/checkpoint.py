@@ -140,14 +140,17 @@ class CheckpointManager:
             local, self.mesh, _placements(shard), run_check=False, shape=torch.Size(shape), stride=_contiguous(shape)
         )
 
-    def _state(self) -> tuple[dict[str, Any], list[tuple[torch.Tensor, str]]]:
+    def _state(self, *, model_only: bool = False) -> tuple[dict[str, Any], list[tuple[torch.Tensor, str]]]:
         """The DCP state dict and, for writing back after a load, (target tensor, key) pairs."""
-        _ensure_optimizer_state(self.optimizer)
+        if not model_only:
+            _ensure_optimizer_state(self.optimizer)
         state: dict[str, Any] = {}
         targets = []
         for name, p in self.model.named_parameters():
             state[f"model.{name}"] = self._dtensor(name, _local(p).clone())
             targets.append((p, f"model.{name}"))
+            if model_only:
+                continue
             for key, value in self.optimizer.state[p].items():
                 full_key = f"optim.{name}.{key}"
                 scalar = key == "step" or value.dim() == 0  # replicated: a plain tensor, DCP writes one copy
@@ -178,13 +181,14 @@ class CheckpointManager:
         _barrier()
         return path
 
-    def load(self, path: str | Path) -> dict[str, Any]:
-        """Load model and optimizer from ``path`` into the current layout (collective); returns the meta dict."""
+    def load(self, path: str | Path, *, model_only: bool = False) -> dict[str, Any]:
+        """Load model and optimizer (or, with ``model_only``, the model's weights alone: a run initialised
+        from another run) from ``path`` into the current layout (collective); returns the meta dict."""
         path = Path(path)
         if not (path / META).exists():
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no {META})")
         meta = json.loads((path / META).read_text())
-        state, targets = self._state()
+        state, targets = self._state(model_only=model_only)
         dcp.load(state, checkpoint_id=str(path))
         for target, key in targets:
             loaded = state[key]

@@ -330,6 +330,39 @@ def _sequence_parallel(cfg, dims, *, seq_len, micro_batch, grad_accum, softmax, 
                 "per_step_received": layers * grad_accum * (worst.fwd_received + worst.bwd_received),
             }
         )
+    if cfg.short_conv_size and dims.sp > 1:
+        out += _short_conv(cfg, dims, seq_len, micro_batch, grad_accum, layout, s, checkpointing)
+    return out
+
+
+def _short_conv(cfg, dims, seq_len, micro_batch, grad_accum, layout, s, checkpointing) -> list[dict]:
+    """The short convolutions' halo exchange: ``(P-1) nc (W-1) B C s`` each way per layer (all-gather of the
+    chunk tails forward, reduce-scatter of their gradients backward), the same on every sp rank."""
+    head_dim, heads, kv_heads = cfg.head_dim, cfg.num_heads // dims.tp, cfg.num_kv_heads // dims.tp
+    chunks = len(SequenceLayout(layout, seq_len, dims.sp, 0).local_chunks())
+    out = []
+    for kind, letter, channels in (
+        ("short conv (softmax)", "A", (heads + 2 * kv_heads) * head_dim),
+        ("short conv (linear)", "L", 3 * heads * head_dim),
+    ):
+        layers = cfg.layer_pattern.count(letter) if letter == "L" or cfg.short_conv_softmax else 0
+        if not layers:
+            continue
+        one = (dims.sp - 1) * chunks * (cfg.short_conv_size - 1) * micro_batch * channels * s
+        per = LayerBytes(one, one, one * (2 if checkpointing else 1), one * (2 if checkpointing else 1))
+        out.append(
+            {
+                "kind": kind,
+                "layers": layers,
+                "strategy": "halo",
+                "primitive": "all_gather (chunk tails)",
+                "per_layer": per._asdict(),
+                "rank_dependent": False,
+                "per_sp_rank": [per._asdict()] * dims.sp,
+                "per_step_sent": layers * grad_accum * (per.fwd_sent + per.bwd_sent),
+                "per_step_received": layers * grad_accum * (per.fwd_received + per.bwd_received),
+            }
+        )
     return out
 
 

@@ -274,6 +274,10 @@ class _Run:
         self.result = TrainResult(run_dir=str(self.run_dir))
         if resume:
             self._resume(resume)
+        elif cfg.train.init_from:
+            if not (Path(cfg.train.init_from) / "meta.json").exists():
+                raise FileNotFoundError(f"train.init_from={cfg.train.init_from!r} is not a complete checkpoint")
+            self.ckpt.load(cfg.train.init_from, model_only=True)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             resolved = replace(cfg, parallel=replace(cfg.parallel, dp=self.dims.dp))
@@ -303,6 +307,8 @@ class _Run:
             print_every=cfg.metrics.print_every,
             start_step=self.step,
         )
+        if not resume and cfg.train.init_from:
+            self.logger.event("init_from", step=0, checkpoint=cfg.train.init_from)
         if resume:
             self.logger.event(
                 "resume",

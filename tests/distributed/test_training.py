@@ -17,6 +17,8 @@ import torch.distributed as dist
 
 from distseq.config import RunConfig, load_yaml
 from distseq.parallel.comm import CommunicationError, Communicator
+from distseq.parallel.mesh import ParallelDims
+from distseq.train.plan import plan_report
 from distseq.train.trainer import TrainingDiverged, run_training
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "runs" / "tiny-hybrid-cpu.yaml"
@@ -110,6 +112,21 @@ def test_metrics_log_and_resolved_config(worlds, tmp_path):
     assert first["tokens_per_s"] == pytest.approx(4 * 64 / first["step_time_s"])
     sent = first["comm_bytes_sent"]
     assert sent["softmax.ring"] > 0 and sent["linear.lasp2"] > 0 and sent["dp_sp"] > 0, sent
+    # The short convolutions' halos, measured on rank 0, are what the dry-run plan says.
+    cfg = load_yaml(RunConfig, run / "config.yaml")
+    plan = plan_report(
+        cfg.model,
+        ParallelDims(dp=2, sp=2, world_size=4),
+        seq_len=64,
+        micro_batch=cfg.data.micro_batch,
+        grad_accum=cfg.data.global_batch // cfg.data.micro_batch // 2,
+        softmax_strategy="ring",
+        linear_strategy="lasp2",
+        layout="contiguous",
+        dtype_bytes=4,
+    )
+    halos = [e for e in plan["communication"]["sequence_parallel"] if e["kind"].startswith("short conv")]
+    assert len(halos) == 2 and sent["conv"] == sum(e["per_step_sent"] for e in halos), (sent, halos)
     resolved = load_yaml(RunConfig, run / "config.yaml")
     assert resolved.parallel.dp == 2 and resolved.data.seq_len == 64
     # checkpoint.every=2 and the end: step 2 and step 3, the newest two kept
@@ -144,6 +161,25 @@ def test_resume_under_another_layout(worlds, tmp_path, world, layout):
     assert resumed["start"] == 6
     # Adam divides by sqrt(v): fp32 differences of order 1e-7 in the weights grow a little per step.
     _assert_close(resumed["losses"], whole["losses"][6:], rtol=1e-4)
+
+
+def test_init_from_another_run_under_another_layout_and_length(worlds, tmp_path):
+    """``train.init_from`` starts a run from another run's weights (not its optimizer, schedule or data): with a
+    vanishing learning rate, the new run's evaluation on the source run's held-out samples equals the source run's
+    last evaluation, under another layout (sp = 4); at twice the sequence length the run trains from there."""
+    source = _losses(worlds, 4, tmp_path / "source", ["parallel.sp=2", "train.steps=6"])
+    ckpt = tmp_path / "source" / "tiny-hybrid-cpu" / "checkpoints" / "step_00000006"
+    frozen = ["train.steps=1", "optim.lr=1e-12", "optim.min_lr=0", f"train.init_from={ckpt}"]
+    same = _losses(worlds, 4, tmp_path / "same", ["parallel.sp=4", *frozen])
+    assert same["start"] == 0
+    _assert_close([same["evals"][-1]["eval_loss"]], [source["evals"][-1]["eval_loss"]], rtol=1e-5)
+    rows = (tmp_path / "same" / "tiny-hybrid-cpu" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(rows[0]) == {"event": "init_from", "step": 0, "checkpoint": str(ckpt)}
+    longer = _losses(
+        worlds, 4, tmp_path / "longer", ["parallel.sp=4", "data.seq_len=128", "train.steps=2", *frozen[2:]]
+    )
+    # A fresh model starts at about ln(vocab) = 4.56; the source run's weights start lower.
+    assert longer["losses"][0] < source["losses"][0] - 0.1, (longer["losses"], source["losses"])
 
 
 def test_resume_latest_from_the_run_directory(worlds, tmp_path):

@@ -4,6 +4,7 @@ settings raise before anything runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 
@@ -205,6 +206,26 @@ def test_plan_sequence_parallel_by_hand():
     assert linear["per_layer"]["bwd_sent"] == 3 * 2 * 8 * 128 * 128 * 4
     assert report["layout"]["groups"]["sp"][0] == [0, 2, 4, 6]  # ranks differing only in sp (tp fastest)
     assert report["layout"]["edp"] == 2 and report["tokens"]["global_per_step"] == 2 * 4 * 65536
+
+
+def test_plan_short_convolution_halos_by_hand():
+    dims = ParallelDims(dp=2, sp=4, tp=2, ep=4, world_size=16)
+    settings = dict(seq_len=65536, micro_batch=1, grad_accum=4, softmax_strategy="ring", linear_strategy="lasp2")
+    cfg = dataclasses.replace(BIG, short_conv_size=4, short_conv_softmax=True)
+    report = plan_report(cfg, dims, layout="zigzag", dtype_bytes=2, **settings)
+    softmax, linear, conv_softmax, conv_linear = report["communication"]["sequence_parallel"]
+    # zigzag: 2 chunks per rank, 3 tail tokens each, to 3 other ranks; bf16; channels per tp rank:
+    # softmax q + k + v = (8 + 2 + 2) heads x 128, linear 3 x 8 heads x 128.
+    assert conv_softmax["layers"] == 4 and conv_linear["layers"] == 12
+    assert conv_softmax["per_layer"]["fwd_sent"] == conv_softmax["per_layer"]["bwd_sent"] == 3 * 2 * 3 * 12 * 128 * 2
+    assert conv_linear["per_layer"]["fwd_sent"] == 3 * 2 * 3 * 24 * 128 * 2
+    assert conv_linear["per_step_sent"] == 12 * 4 * 2 * 3 * 2 * 3 * 24 * 128 * 2
+    contiguous = plan_report(cfg, dims, layout="contiguous", dtype_bytes=2, **settings)
+    assert contiguous["communication"]["sequence_parallel"][3]["per_layer"]["fwd_sent"] == 3 * 1 * 3 * 24 * 128 * 2
+    only_linear = dataclasses.replace(cfg, short_conv_softmax=False)
+    kinds = [e["kind"] for e in plan_report(only_linear, dims, layout="zigzag", dtype_bytes=2, **settings)[
+        "communication"]["sequence_parallel"]]  # fmt: skip
+    assert kinds == ["softmax", "linear", "short conv (linear)"]
 
 
 def test_plan_rank_dependent_strategies_report_the_busiest_rank():
