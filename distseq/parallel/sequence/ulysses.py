@@ -52,20 +52,29 @@ def seq_to_heads(comm: Communicator, *tensors: torch.Tensor) -> list[torch.Tenso
     return list(full.split(heads, dim=2))
 
 
-def heads_to_seq(comm: Communicator, *tensors: torch.Tensor, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+def heads_to_seq(
+    comm: Communicator, tensors: list[torch.Tensor], dtype: torch.dtype | None = None
+) -> list[torch.Tensor]:
     """Inverse of :func:`seq_to_heads`: head shards ``[B, n * P, H_i / P, D]`` -> ``[B, n, H_i, D]`` in
-    ``dtype`` (default: each tensor's own; all must then share one), every tensor in one all-to-all."""
+    ``dtype`` (default: each tensor's own; all must then share one), every tensor in one all-to-all.
+
+    Empties ``tensors`` as it packs them, so that a tensor nobody else holds (a gradient) is freed before the
+    exchange rather than after it: the peak holds the packed buffer, not the packed buffer and its sources."""
     p = comm.size
     batch, total, _, dim = tensors[0].shape
     tokens = total // p
     heads = [x.shape[2] for x in tensors]
     send = torch.empty(p, batch, tokens, sum(heads), dim, dtype=dtype or tensors[0].dtype, device=tensors[0].device)
     offset = 0
-    for x, h in zip(tensors, heads, strict=True):  # one (casting) copy per tensor
+    for h in heads:  # one (casting) copy per tensor
+        x = tensors.pop(0)
         send[:, :, :, offset : offset + h].copy_(x.reshape(batch, p, tokens, h, dim).transpose(0, 1))
         offset += h
-    recv = comm.all_to_all_stacked(send).permute(1, 2, 0, 3, 4)  # [B, n, P, sum(H_i), D]
-    return [part.reshape(batch, tokens, p * h, dim) for part, h in zip(recv.split(heads, dim=3), heads, strict=True)]
+    del x
+    recv = comm.all_to_all_stacked(send)
+    del send
+    parts = recv.permute(1, 2, 0, 3, 4).split(heads, dim=3)  # [B, n, P, H_i, D] each
+    return [part.reshape(batch, tokens, p * h, dim) for part, h in zip(parts, heads, strict=True)]
 
 
 def check_head_sharding(name: str, heads: int, degree: int, axis: str) -> None:
@@ -107,7 +116,7 @@ class _UlyssesAttention(torch.autograd.Function):
         out, lse, qh, kh, vh = ulysses_forward(spec, comm, q, k, v, plan)
         ctx.save_for_backward(qh, kh, vh, out, lse)
         ctx.spec, ctx.comm, ctx.plan = spec, comm, plan
-        return heads_to_seq(comm, out, dtype=q.dtype)[0]
+        return heads_to_seq(comm, [out], dtype=q.dtype)[0]
 
     @staticmethod
     @autocast_off
@@ -115,8 +124,9 @@ class _UlyssesAttention(torch.autograd.Function):
         qh, kh, vh, out, lse = ctx.saved_tensors
         comm = ctx.comm
         (dout_h,) = seq_to_heads(comm, dout)
-        dq, dk, dv = ulysses_backward(ctx.spec, comm, dout_h, qh, kh, vh, out, lse, ctx.plan)
-        return *heads_to_seq(comm, dq, dk, dv, dtype=qh.dtype), None, None, None
+        grads = list(ulysses_backward(ctx.spec, comm, dout_h, qh, kh, vh, out, lse, ctx.plan))
+        del dout_h
+        return *heads_to_seq(comm, grads, dtype=qh.dtype), None, None, None
 
 
 class UlyssesAttention(SequenceStrategy):

@@ -33,7 +33,7 @@ class _USPAttention(torch.autograd.Function):
         out, lse = ring_attention_forward(spec, outer, qh, kh, vh, plans)
         ctx.save_for_backward(qh, kh, vh, out, lse)
         ctx.spec, ctx.inner, ctx.outer, ctx.plans = spec, inner, outer, plans
-        return heads_to_seq(inner, out, dtype=q.dtype)[0]
+        return heads_to_seq(inner, [out], dtype=q.dtype)[0]
 
     @staticmethod
     @autocast_off
@@ -41,8 +41,9 @@ class _USPAttention(torch.autograd.Function):
         qh, kh, vh, out, lse = ctx.saved_tensors
         inner = ctx.inner
         (dout_h,) = seq_to_heads(inner, dout)
-        dq, dk, dv = ring_attention_backward(ctx.spec, ctx.outer, dout_h, qh, kh, vh, out, lse, ctx.plans)
-        return *heads_to_seq(inner, dq, dk, dv, dtype=qh.dtype), None, None, None, None
+        grads = list(ring_attention_backward(ctx.spec, ctx.outer, dout_h, qh, kh, vh, out, lse, ctx.plans))
+        del dout_h
+        return *heads_to_seq(inner, grads, dtype=qh.dtype), None, None, None, None
 
 
 class USPAttention(SequenceStrategy):
