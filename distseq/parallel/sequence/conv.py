@@ -55,7 +55,7 @@ def causal_conv(
     if comm.size != layout.sp_size:
         raise ValueError(f"causal_conv needs a communicator of size sp={layout.sp_size}, got {comm.size}")
     halo = weight.shape[1] - 1
-    if layout.sp_size > 1 and halo > layout.chunk_size:
+    if halo > layout.chunk_size:  # a chunk's tail is the whole halo of the chunk after it
         raise ValueError(
             f"causal_conv of width {halo + 1} needs chunks of at least {halo} tokens; this layout's chunks have "
             f"{layout.chunk_size} (seq_len={layout.seq_len}, sp={layout.sp_size}, {layout.kind})"
