@@ -208,6 +208,19 @@ class CheckpointManager:
         done = sorted(p for p in self.directory.glob("step_*") if (p / META).exists())
         return done[-1] if done else None
 
+    def retire(self) -> Path | None:
+        """Move the checkpoints a previous run left in the directory to ``<directory>.previous`` (replacing an
+        older one there), so a new run's saves, pruning and ``--resume`` see only its own (collective; rank 0
+        moves). Returns where they went, or None when there were none."""
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        moved = None
+        if rank == 0 and self.directory.is_dir() and any(self.directory.glob("step_*")):
+            moved = self.directory.with_name(self.directory.name + ".previous")
+            shutil.rmtree(moved, ignore_errors=True)
+            os.replace(self.directory, moved)
+        _barrier()
+        return moved
+
     def _prune(self) -> None:
         if not self.keep:
             return

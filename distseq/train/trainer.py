@@ -274,10 +274,15 @@ class _Run:
         self.result = TrainResult(run_dir=str(self.run_dir))
         if resume:
             self._resume(resume)
-        elif cfg.train.init_from:
-            if not (Path(cfg.train.init_from) / "meta.json").exists():
-                raise FileNotFoundError(f"train.init_from={cfg.train.init_from!r} is not a complete checkpoint")
-            self.ckpt.load(cfg.train.init_from, model_only=True)
+        else:
+            if cfg.train.init_from:
+                if not (Path(cfg.train.init_from) / "meta.json").exists():
+                    raise FileNotFoundError(f"train.init_from={cfg.train.init_from!r} is not a complete checkpoint")
+                self.ckpt.load(cfg.train.init_from, model_only=True)
+            # After loading: init_from may point into this very directory.
+            retired = self.ckpt.retire()
+            if retired is not None:
+                print(f"an earlier run's checkpoints moved to {retired}", flush=True)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             resolved = replace(cfg, parallel=replace(cfg.parallel, dp=self.dims.dp))

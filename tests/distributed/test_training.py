@@ -186,6 +186,19 @@ def test_init_from_another_run_under_another_layout_and_length(worlds, tmp_path)
     assert longer["losses"][0] < source["losses"][0] - 0.1, (longer["losses"], source["losses"])
 
 
+def test_a_fresh_run_retires_an_earlier_runs_checkpoints(worlds, tmp_path):
+    """Run the same config twice without --resume: the second run's saves, pruning and a later --resume see only
+    its own checkpoints; the first run's move to checkpoints.previous."""
+    run = tmp_path / "tiny-hybrid-cpu"
+    _losses(worlds, 2, tmp_path, ["parallel.sp=2", "train.steps=3", "checkpoint.every=1", "checkpoint.keep=0"])
+    _losses(worlds, 2, tmp_path, ["parallel.sp=2", "train.steps=1", "checkpoint.every=1", "checkpoint.keep=2"])
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001"]
+    previous = sorted(p.name for p in (run / "checkpoints.previous").iterdir())
+    assert previous == ["step_00000001", "step_00000002", "step_00000003"]
+    resumed = _losses(worlds, 2, tmp_path, ["parallel.sp=2", "train.steps=2"], resume=True)
+    assert resumed["start"] == 1, "resumed from this run's step 1, not the earlier run's step 3"
+
+
 def test_resume_latest_from_the_run_directory(worlds, tmp_path):
     base = ["parallel.sp=2", "train.steps=4", "checkpoint.every=2"]
     _losses(worlds, 4, tmp_path, base)
