@@ -42,6 +42,7 @@ from typing import ClassVar
 
 import torch
 
+from distseq.kernels._dtypes import accumulation_dtype
 from distseq.kernels.attention.mask import BlockKind
 from distseq.kernels.attention.naive import attention_delta, causal_mask, masked_attention, masked_attention_backward
 
@@ -208,7 +209,7 @@ class SDPABackend(AttentionBackend):
         if q.device.type == "cuda":
             return _cuda_flash_backward(dout, q, k, v, out, lse, None, None, q.shape[1], k.shape[1], causal, scale)
         dout, q, k, v, out = (_cpu_compute(x) for x in (dout, q, k, v, out))
-        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        dtype = accumulation_dtype(q.dtype)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout.to(q.dtype).transpose(1, 2),
             q.transpose(1, 2),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from distseq.kernels._dtypes import accumulation_dtype
 from distseq.kernels.attention.mask import _check_positions, _kind_and_mask
 
 __all__ = [
@@ -24,10 +25,6 @@ __all__ = [
     "masked_attention",
     "masked_attention_backward",
 ]
-
-
-def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -143,7 +140,7 @@ def masked_attention(
     batch, q_len, heads, head_dim = q.shape
     kv_heads, k_len = k.shape[2], k.shape[1]
     group = heads // kv_heads
-    dtype = _accum_dtype(q.dtype)
+    dtype = accumulation_dtype(q.dtype)
 
     q_grouped = _to_groups(q, kv_heads, dtype)  # [B, Hkv, G*Tq, D]
     k_heads_first = _kv_heads_first(k, dtype)  # [B, Hkv, Tk, D]
@@ -167,7 +164,7 @@ def masked_attention(
 
 def attention_delta(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``Dsum = rowsum(dout * out)`` ``[B, H, T]`` in the accumulation dtype, for the attention backward."""
-    dtype = _accum_dtype(dout.dtype)
+    dtype = accumulation_dtype(dout.dtype)
     return (dout.to(dtype) * out.to(dtype)).sum(-1).transpose(1, 2)
 
 
@@ -246,7 +243,7 @@ def masked_attention_backward(
     batch, q_len, heads, _ = q.shape
     kv_heads = k.shape[2]
     group = heads // kv_heads
-    dtype = _accum_dtype(q.dtype)
+    dtype = accumulation_dtype(q.dtype)
 
     q_grouped = _to_groups(q, kv_heads, dtype)  # [B, Hkv, G*Tq, D]
     dout_grouped = _to_groups(dout, kv_heads, dtype)

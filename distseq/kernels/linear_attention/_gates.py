@@ -18,6 +18,8 @@ from collections.abc import Iterator
 
 import torch
 
+from distseq.kernels._dtypes import accumulation_dtype
+
 __all__ = ["accumulation_dtype", "check_inputs", "checking_values", "resolve_gates", "split_log_gate", "value_checks"]
 
 _VALUE_CHECKS = contextvars.ContextVar("distseq_linear_attention_value_checks", default=False)
@@ -36,10 +38,6 @@ def value_checks(enabled: bool = True) -> Iterator[None]:
 def checking_values() -> bool:
     """Whether :func:`value_checks` is on."""
     return _VALUE_CHECKS.get()
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:

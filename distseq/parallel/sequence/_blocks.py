@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distseq.kernels.attention import BlockKind, attention_delta
+from distseq.kernels.attention import BlockKind, accumulation_dtype, attention_delta
 from distseq.kernels.attention.backends import AttentionBackend, VarlenPieces
 from distseq.kernels.merge import merge_attention_
 from distseq.parallel.layout import SequenceLayout
@@ -225,7 +225,7 @@ def _fold(x: torch.Tensor) -> torch.Tensor:
 
 def new_accumulators(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Empty ``(out, lse)`` accumulators for ``q`` ``[B, T, H, D]``: zeros and ``-inf``, fp32 (fp64 for fp64)."""
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dtype = accumulation_dtype(q.dtype)
     batch, tokens, heads, dim = q.shape
     return (
         torch.zeros(batch, tokens, heads, dim, dtype=dtype, device=q.device),
@@ -238,7 +238,7 @@ def single_block(plan: Plan, q_len: int, k_len: int) -> tuple[Span, Span, BlockK
     then the results: no accumulators to fill or merge into), else None."""
     if len(plan) != 1:
         return None
-    qs, ks, kind = plan[0]
+    qs, ks, _ = plan[0]
     return plan[0] if (qs.offset, qs.length, ks.offset, ks.length) == (0, q_len, 0, k_len) else None
 
 

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
+from distseq.kernels.attention import accumulation_dtype
 from distseq.kernels.linear_attention import check_linear_attention_inputs, checking_values
 from distseq.kernels.linear_attention.backends import linear_attention_backend
 from distseq.parallel import functional as F
@@ -102,7 +103,7 @@ def ulysses_backward(spec, comm, dout_h, qh, kh, vh, out, lse, plan):
     whole = single_block(plan, qh.shape[1], kh.shape[1])
     if whole is not None:
         return spec.backend.backward(dout_h, qh, kh, vh, out, lse, whole[2], spec.scale)
-    dtype = torch.float64 if qh.dtype == torch.float64 else torch.float32
+    dtype = accumulation_dtype(qh.dtype)
     dq = torch.zeros(qh.shape, dtype=dtype, device=qh.device)
     dk, dv = torch.zeros(kh.shape, dtype=dtype, device=kh.device), torch.zeros(vh.shape, dtype=dtype, device=vh.device)
     attend_backward(spec, dout_h, qh, kh, vh, out, lse, None, plan, dq, dk, dv)
