@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from distseq.config.model import ModelConfig
+from distseq.parallel.comm import Communicator
 from distseq.parallel.sequence.context import SequenceParallel
-from distseq.parallel.tensor import shard_parameter as tp_shard
+from distseq.parallel.tensor import shard_parameter, tp_slice
 
 __all__ = ["LinearAttention", "ShortConv", "SoftmaxAttention", "SwiGLU", "apply_rope", "lightning_decay"]
 
@@ -64,14 +65,11 @@ class ShortConv(nn.Module):
         mixed = seq.short_conv(torch.cat([q, k, v], dim=-1), torch.cat(weights), bias)
         return F.silu(mixed).split([w.shape[0] for w in weights], dim=-1)
 
-    def shard_channels(self, rank: int, size: int) -> None:
-        """Keep the filters of tensor-parallel rank ``rank``'s channels (its slice of each projection)."""
+    def shard_channels(self, tp: Communicator) -> None:
+        """Keep the filters of this tensor-parallel rank's channels (its slice of each projection)."""
         for name in ("q_weight", "k_weight", "v_weight", "q_bias", "k_bias", "v_bias"):
-            weight = getattr(self, name)
-            if weight.shape[0] % size:
-                raise ValueError(f"tp={size} must divide the {name} channels: {weight.shape[0]}")
-            part = weight.shape[0] // size
-            setattr(self, name, tp_shard(weight, slice(rank * part, (rank + 1) * part), 0))
+            param = getattr(self, name)
+            setattr(self, name, shard_parameter(param, tp_slice(param.shape[0], tp, f"conv.{name} channels"), 0))
 
 
 class SwiGLU(nn.Module):

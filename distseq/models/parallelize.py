@@ -69,7 +69,7 @@ def parallelize_hybrid(model: HybridLM, dims: ParallelDims, comms: dict[MeshAxis
             if isinstance(module, LinearAttention):  # the fixed decays follow their heads
                 module.decay = module.decay[tp.rank * heads : (tp.rank + 1) * heads]
             if isinstance(module, ShortConv):  # per-channel filters follow the column-split projections
-                module.shard_channels(tp.rank, tp.size)
+                module.shard_channels(tp)
             if isinstance(module, (LinearAttention, SoftmaxAttention)):
                 # Per-head norms see only this rank's heads: their gradients are partial sums over tp.
                 for norm in (

@@ -31,6 +31,7 @@ __all__ = [
     "parallelize_module",
     "reduce_from_tp",
     "shard_parameter",
+    "tp_slice",
     "vocab_parallel_argmax",
     "vocab_parallel_cross_entropy",
 ]
@@ -91,7 +92,7 @@ def gather_from_tp(x: torch.Tensor, comm: Communicator, dim: int = -1) -> torch.
     return _GatherFromTP.apply(x, comm, dim % x.dim())
 
 
-def _split(size: int, comm: Communicator, what: str) -> slice:
+def tp_slice(size: int, comm: Communicator, what: str) -> slice:
     """This rank's part of a dimension of ``size`` split evenly over tp; ``what`` names it in errors."""
     if size % comm.size:
         raise ValueError(f"tensor parallelism needs {what} divisible by tp: {what}={size}, tp={comm.size}")
@@ -127,7 +128,7 @@ class ColumnParallelLinear(nn.Module):
         cls, linear: nn.Linear, comm: Communicator, *, gather_output: bool = False, name: str = "linear"
     ) -> ColumnParallelLinear:
         """This rank's shard of ``linear``; ``name`` is the module path used in error messages."""
-        rows = _split(linear.out_features, comm, f"{name}.out_features")
+        rows = tp_slice(linear.out_features, comm, f"{name}.out_features")
         bias = None if linear.bias is None else shard_parameter(linear.bias, rows, 0)
         return cls(shard_parameter(linear.weight, rows, 0), bias, comm, gather_output=gather_output)
 
@@ -159,7 +160,7 @@ class RowParallelLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, comm: Communicator, *, name: str = "linear") -> RowParallelLinear:
         """This rank's shard of ``linear``; ``name`` is the module path used in error messages."""
-        cols = _split(linear.in_features, comm, f"{name}.in_features")
+        cols = tp_slice(linear.in_features, comm, f"{name}.in_features")
         bias = None if linear.bias is None else shard_parameter(linear.bias, slice(None), None)
         return cls(shard_parameter(linear.weight, (slice(None), cols), 1), bias, comm)
 
@@ -195,7 +196,7 @@ class VocabParallelEmbedding(nn.Module):
         unsupported = {k: getattr(emb, k) for k in ("max_norm", "scale_grad_by_freq", "sparse") if getattr(emb, k)}
         if unsupported:
             raise ValueError(f"vocab-parallel embedding does not support {unsupported} (module {name!r})")
-        rows = _split(emb.num_embeddings, comm, f"{name}.num_embeddings")
+        rows = tp_slice(emb.num_embeddings, comm, f"{name}.num_embeddings")
         padding_idx = emb.padding_idx
         if padding_idx is not None:
             padding_idx = padding_idx - rows.start if rows.start <= padding_idx < rows.stop else None
