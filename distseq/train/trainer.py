@@ -275,9 +275,7 @@ class _Run:
         if resume:
             self._resume(resume)
         else:
-            if cfg.train.init_from:
-                if not (Path(cfg.train.init_from) / "meta.json").exists():
-                    raise FileNotFoundError(f"train.init_from={cfg.train.init_from!r} is not a complete checkpoint")
+            if cfg.train.init_from:  # an incomplete checkpoint is a FileNotFoundError naming it
                 self.ckpt.load(cfg.train.init_from, model_only=True)
             # After loading: init_from may point into this very directory.
             retired = self.ckpt.retire()
@@ -312,8 +310,6 @@ class _Run:
             print_every=cfg.metrics.print_every,
             start_step=self.step,
         )
-        if not resume and cfg.train.init_from:
-            self.logger.event("init_from", step=0, checkpoint=cfg.train.init_from)
         if resume:
             self.logger.event(
                 "resume",
@@ -322,6 +318,8 @@ class _Run:
                 dropped_rows=dropped,
                 layout=self._degrees(),
             )
+        elif cfg.train.init_from:
+            self.logger.event("init_from", step=0, checkpoint=cfg.train.init_from)
 
     # -- resume ----------------------------------------------------------------------------------------
 
