@@ -43,6 +43,7 @@ __all__ = [
     "peak_tflops",
     "read_metrics",
     "rewind_metrics",
+    "split_metrics",
     "step_rates",
     "summary_line",
 ]
@@ -465,20 +466,26 @@ def _parse_row(line: str) -> dict[str, Any] | None:
 
 def read_metrics(path: str | os.PathLike, *, events: bool = False) -> list[dict[str, Any]]:
     """The step rows of a ``metrics.jsonl`` in file order (event rows skipped), or with ``events=True`` the
-    event rows only. A last line that is not JSON (cut short when a run was killed mid-write) is ignored; any
-    other one raises ValueError naming the file and line."""
+    event rows only; see :func:`split_metrics`."""
+    steps, event_rows = split_metrics(path)
+    return event_rows if events else steps
+
+
+def split_metrics(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(step rows, event rows)`` of a ``metrics.jsonl``, each in file order, from one read. A last line that
+    is not JSON (cut short when a run was killed mid-write) is ignored; any other one raises ValueError naming
+    the file and line."""
     path = Path(path)
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows = []
+    steps, events = [], []
     for number, line in enumerate(lines, start=1):
         row = _parse_row(line)
         if row is None:
             if number == len(lines):
                 break
             raise ValueError(f"{path}:{number} is not a JSON object: {line[:80]!r}")
-        if (EVENT_KEY in row) == events:
-            rows.append(row)
-    return rows
+        (events if EVENT_KEY in row else steps).append(row)
+    return steps, events
 
 
 def dropped_path(path: str | os.PathLike) -> Path:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from distseq.train.metrics import METRICS_FILE, read_metrics
+from distseq.train.metrics import EVENT_KEY, METRICS_FILE, split_metrics
 
 __all__ = ["MatplotlibMissing", "default_output", "plot_finished_run", "plot_runs"]
 
@@ -46,10 +46,10 @@ def _load(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     path = run_dir / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: {run_dir} is not a run directory, or logged no step yet")
-    steps = read_metrics(path)
+    steps, events = split_metrics(path)
     if not steps:
         raise ValueError(f"{path} holds no training step to draw")
-    return steps, read_metrics(path, events=True)
+    return steps, events
 
 
 def _matplotlib(output: Path):
@@ -90,7 +90,7 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], output: str | os.PathLike) 
         if loss:
             loss_ax.plot(*zip(*loss, strict=True), color=colour, lw=1, label=label)
         for event in events:
-            if event.get("event") == "resume" and "step" in event:
+            if event.get(EVENT_KEY) == "resume" and "step" in event:
                 loss_ax.axvline(event["step"], color=colour, ls=":", lw=1)
         evals = [(r["step"], r["eval_accuracy"]) for r in steps if r.get("eval_accuracy") is not None]
         if evals:
