@@ -9,6 +9,8 @@ import os
 import platform
 import re
 import statistics
+import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -19,6 +21,23 @@ import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+
+
+def run_train(config: Path, overrides: list[str], out: Path, *, nproc: int | None = None) -> tuple[list[dict], float]:
+    """``distseq train --config config`` into ``out`` (under torchrun with ``nproc`` ranks, else one process), as
+    a user runs it; returns its step rows (events skipped) and the wall time in seconds."""
+    from distseq.config import RunConfig, load_yaml
+    from distseq.train.metrics import METRICS_FILE, read_metrics
+
+    prefix = [sys.executable]
+    if nproc is not None:
+        prefix = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", str(nproc)]
+    cmd = [*prefix, "-m", "distseq", "train", "--config", str(config), f"output_dir={out}", *overrides]
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    elapsed = time.perf_counter() - start
+    name = load_yaml(RunConfig, config, overrides).name
+    return read_metrics(out / name / METRICS_FILE), elapsed
 
 
 def machine() -> str:

@@ -17,29 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from _common import RESULTS, machine, repo_relative
+from _common import RESULTS, ROOT, machine, repo_relative, run_train
 
-from distseq.train.metrics import read_metrics
-
-ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "configs" / "runs" / "tiny-hybrid-cpu.yaml"
 LONG = ROOT / "configs" / "runs" / "long-recall-cpu.yaml"
-
-
-def _train(config: Path, nproc: int, out: Path, overrides: list[str]) -> tuple[list[dict], float]:
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    cmd = [torchrun, "--standalone", "--nproc-per-node", str(nproc), "-m", "distseq", "train", "--config", str(config)]
-    start = time.perf_counter()
-    subprocess.run([*cmd, f"output_dir={out}", *overrides], cwd=ROOT, check=True)
-    elapsed = time.perf_counter() - start
-    name = config.stem
-    return read_metrics(out / name / "metrics.jsonl"), elapsed
 
 
 def main() -> None:
@@ -56,7 +40,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint
         if checkpoint is None:
-            rows, seconds = _train(MAIN, args.nproc, Path(tmp) / "main", [])
+            rows, seconds = run_train(MAIN, [], Path(tmp) / "main", nproc=args.nproc)
             checkpoint = Path(tmp) / "main" / MAIN.stem / "checkpoints" / f"step_{rows[-1]['step']:08d}"
             result["main_job"] = {"wall_s": round(seconds, 1), "final_eval_accuracy": rows[-1]["eval_accuracy"]}
         result["checkpoint"] = repo_relative(checkpoint)
@@ -67,7 +51,7 @@ def main() -> None:
                 f"train.eval_every={max(1, n // 2)}",
                 f"train.init_from={checkpoint.resolve()}",
             ]
-            rows, seconds = _train(LONG, args.nproc, Path(tmp) / f"long{seq_len}", overrides)
+            rows, seconds = run_train(LONG, overrides, Path(tmp) / f"long{seq_len}", nproc=args.nproc)
             evals = [
                 {k: r[k] for k in ("step", "eval_loss", "eval_accuracy", "eval_chance")}
                 for r in rows

@@ -12,26 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from _common import RESULTS, machine
+from _common import RESULTS, ROOT, machine, run_train
 
-from distseq.train.metrics import read_metrics
-
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "runs" / "tiny-hybrid-cpu.yaml"
-
-
-def _train(prefix: list[str], out: Path, overrides: list[str]) -> tuple[list[dict], float]:
-    cmd = [*prefix, "-m", "distseq", "train", "--config", str(CONFIG), f"output_dir={out}", *overrides]
-    start = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True)
-    elapsed = time.perf_counter() - start
-    return read_metrics(out / "tiny-hybrid-cpu" / "metrics.jsonl"), elapsed  # the step rows, not events
 
 
 def main() -> None:
@@ -40,10 +26,9 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=4)
     args = parser.parse_args()
     extra = [] if args.steps is None else [f"train.steps={args.steps}"]
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
     with tempfile.TemporaryDirectory() as tmp:
-        ranks, ranks_s = _train([torchrun, "--standalone", "--nproc-per-node", str(args.nproc)], Path(tmp) / "p", extra)
-        single, single_s = _train([sys.executable], Path(tmp) / "s", [*extra, "parallel.sp=1"])
+        ranks, ranks_s = run_train(CONFIG, extra, Path(tmp) / "p", nproc=args.nproc)
+        single, single_s = run_train(CONFIG, [*extra, "parallel.sp=1"], Path(tmp) / "s")
     loss_p = [d["loss"] for d in ranks]
     loss_s = [d["loss"] for d in single]
     rel = [abs(a - b) / abs(b) for a, b in zip(loss_p, loss_s, strict=True)]
