@@ -6,6 +6,10 @@ never permutes tokens between layers.
 * ``contiguous``: the sequence is cut into ``P`` chunks; rank ``r`` holds chunk ``r``.
 * ``zigzag``: the sequence is cut into ``2P`` chunks; rank ``r`` holds chunks ``r`` and ``2P-1-r`` (in
   that order), which balances causal attention work across ranks.
+* ``document_zigzag``: with packed documents, *each document* is cut into ``2P`` chunks and rank ``r`` holds
+  chunks ``r`` and ``2P-1-r`` of every document, documents in order (Megatron-Core's split of packed THD
+  batches); every document's length must divide by ``2P``. Without documents it is ``zigzag``. Chunks differ
+  in size, so only the softmax strategies (which plan from chunk spans) accept it.
 
 Everything here is pure rank arithmetic except :meth:`SequenceLayout.gather`, which all-gathers through
 a Communicator.
@@ -29,6 +33,7 @@ __all__ = ["Chunk", "LayoutKind", "SequenceLayout"]
 class LayoutKind(StrEnum):
     CONTIGUOUS = "contiguous"
     ZIGZAG = "zigzag"
+    DOCUMENT_ZIGZAG = "document_zigzag"
 
 
 @dataclass(frozen=True)
@@ -85,8 +90,9 @@ class SequenceLayout:
     """The tokens of a ``seq_len``-token sequence held by ``sp_rank`` of ``sp_size`` ranks.
 
     Args:
-        kind: ``"contiguous"`` or ``"zigzag"``.
-        seq_len: global sequence length ``N``; divisible by ``P`` (contiguous) or ``2P`` (zigzag).
+        kind: ``"contiguous"``, ``"zigzag"`` or ``"document_zigzag"``.
+        seq_len: global sequence length ``N``; divisible by ``P`` (contiguous) or ``2P`` (zigzag; for
+            document_zigzag every document's length).
         sp_size: number of sequence-parallel ranks ``P``.
         sp_rank: this rank, ``0 <= sp_rank < P``.
         cu_seqlens: optional global document offsets ``[0, ..., N]`` for packed documents.
@@ -121,6 +127,31 @@ class SequenceLayout:
         self.local_len = seq_len // sp_size
         #: global document offsets as Python ints (plans are built from these), or None
         self.doc_offsets = None if cu_seqlens is None else _document_offsets(cu_seqlens, seq_len)
+        if self.kind is LayoutKind.DOCUMENT_ZIGZAG and self.doc_offsets is not None:
+            lengths = [b - a for a, b in zip(self.doc_offsets[:-1], self.doc_offsets[1:], strict=True)]
+            uneven = [(i, n) for i, n in enumerate(lengths) if n % (2 * sp_size)]
+            if uneven:
+                raise ValueError(
+                    f"document_zigzag layout needs every document's length divisible by 2*sp = {2 * sp_size} "
+                    f"(pad the documents, as Megatron's cu_seqlens_padded do): (document, length) {uneven[:4]}"
+                )
+            if len(lengths) > 1:  # one document is the zigzag layout
+                self.num_chunks = 2 * sp_size * len(lengths)
+                self.chunk_size = None  # chunks differ in size (and documents interleave ranks)
+
+    @property
+    def uniform_chunks(self) -> bool:
+        """Whether the layout is ``2P`` (or ``P``) chunks of ``chunk_size`` tokens: all kinds but ``document_zigzag``
+        with several documents."""
+        return self.chunk_size is not None
+
+    def require_uniform_chunks(self, what: str) -> None:
+        """ValueError unless every chunk has one size: ``what`` (a linear strategy, a convolution) needs it."""
+        if not self.uniform_chunks:
+            raise ValueError(
+                f"{what} needs the sequence in 2P (or P) chunks of one size; the {self.kind.value} layout with "
+                f"{len(self.doc_offsets) - 1} documents cuts each one (only softmax attention runs on it)"
+            )
 
     @property
     def cu_seqlens(self) -> torch.Tensor | None:
@@ -158,7 +189,10 @@ class SequenceLayout:
     def chunk_indices_of(self, sp_rank: int) -> list[int]:
         if self.kind is LayoutKind.CONTIGUOUS:
             return [sp_rank]
-        return [sp_rank, 2 * self.sp_size - 1 - sp_rank]
+        pair = [sp_rank, 2 * self.sp_size - 1 - sp_rank]
+        if self.kind is LayoutKind.ZIGZAG or self.doc_offsets is None:
+            return pair
+        return [2 * self.sp_size * doc + c for doc in range(len(self.doc_offsets) - 1) for c in pair]
 
     def chunks(self) -> list[int]:
         """Global chunk indices held by this rank, in local order."""
@@ -166,15 +200,21 @@ class SequenceLayout:
 
     def local_chunks(self) -> list[Chunk]:
         """This rank's chunks with their global spans and local offsets."""
-        return [
-            Chunk(
-                index=c,
-                start=c * self.chunk_size,
-                end=(c + 1) * self.chunk_size,
-                local_start=i * self.chunk_size,
-            )
-            for i, c in enumerate(self.chunks())
-        ]
+        chunks, local_start = [], 0
+        for c in self.chunks():
+            start, end = self._chunk_span(c)
+            chunks.append(Chunk(index=c, start=start, end=end, local_start=local_start))
+            local_start += end - start
+        return chunks
+
+    def _chunk_span(self, index: int) -> tuple[int, int]:
+        """Global ``[start, end)`` of chunk ``index`` (in sequence order)."""
+        if self.uniform_chunks:
+            return index * self.chunk_size, (index + 1) * self.chunk_size
+        doc, c = divmod(index, 2 * self.sp_size)
+        first, last = self.doc_offsets[doc], self.doc_offsets[doc + 1]
+        size = (last - first) // (2 * self.sp_size)
+        return first + c * size, first + (c + 1) * size
 
     def positions(self, device: torch.device | str | None = None) -> torch.Tensor:
         """Global position of each local token, ``[local_len]`` int64 (RoPE position ids)."""

@@ -22,6 +22,8 @@ STRATEGIES = ["ring", "ulysses", "allgather_kv", "token_ring", "usp"]
 TOL = {torch.float64: 1e-9, torch.float32: 1e-5}
 # Documents with odd lengths, starting and ending inside chunks and crossing rank boundaries.
 DOCS = {32: [0, 5, 6, 19, 27, 32], 48: [0, 7, 20, 21, 40, 48], 64: [0, 3, 30, 33, 50, 64]}
+# document_zigzag (every document cut into 2P chunks): lengths divisible by 2P = 8 at P = 4, unequal.
+PER_DOCUMENT = {32: [0, 8, 12, 32], 64: [0, 16, 24, 64]}
 
 
 def _inputs(seq_len, heads, kv_heads, dim, dtype, seed=0):
@@ -56,7 +58,7 @@ def job_parity(name, dtype_name, cases, block_size=None):
     failures = []
     for kind, (heads, kv_heads), causal, docs in cases:
         seq_len = 32 if p < 4 else (48 if kind == "contiguous" else 64)
-        cu = DOCS[seq_len] if docs else None
+        cu = (PER_DOCUMENT if kind == "document_zigzag" else DOCS)[seq_len] if docs else None
         q, k, v, dout = _inputs(seq_len, heads, kv_heads, 8, dtype)
         ref = _reference(q, k, v, dout, causal, cu)
         layout = SequenceLayout(kind, seq_len, p, r, cu)
@@ -77,6 +79,7 @@ def job_parity(name, dtype_name, cases, block_size=None):
 
 
 ALL_CASES = list(itertools.product(["contiguous", "zigzag"], [(4, 4), (4, 2), (4, 1)], [True, False], [False, True]))
+ALL_CASES += list(itertools.product(["document_zigzag"], [(4, 2), (4, 1)], [True, False], [True]))
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])

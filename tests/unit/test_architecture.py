@@ -84,8 +84,10 @@ def test_layering(path):
         parts = name.split(".")
         if parts[0] == "distseq" and len(parts) > 1 and parts[1] in LAYER:
             assert LAYER[parts[1]] <= own, f"{package} (layer {own}) must not import {name}"
-        if parts[0] == "megatron":
-            assert package == "integrations", f"only distseq.integrations.megatron may import megatron ({name})"
+        if parts[0] == "megatron":  # the plugin, and its CPU shims for tests
+            assert package == "integrations" or path.name == "megatron.py" and package == "testing", (
+                f"only distseq.integrations.megatron (and distseq/testing/megatron.py) may import megatron ({name})"
+            )
     if package == "kernels":
         assert not any(n.startswith("torch.distributed") for n in everything), "kernels are local math only"
     if package == "config":
@@ -95,6 +97,8 @@ def test_layering(path):
         lazy = [n for n in top_level if n.split(".")[0] in OPTIONAL]
         assert not lazy, f"optional extras must be imported lazily, found module-level imports {lazy}"
     backends = [n for n in top_level if n.startswith("distseq.") and _is_backend_module(_module_path(n))]
+    if package == "integrations":  # an integration's modules import each other: they serve one extra
+        backends = [n for n in backends if not n.startswith("distseq.integrations.")]
     assert not backends, f"backend modules must be imported lazily (inside a function), found {backends}"
 
 

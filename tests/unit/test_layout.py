@@ -119,3 +119,29 @@ def test_bad_cu_seqlens(cu, match):
 def test_shard_rejects_wrong_length():
     with pytest.raises(ValueError, match=r"shard expects 8 tokens along dim 1, got shape \(2, 6\)"):
         SequenceLayout("contiguous", 8, 2, 0).shard(torch.zeros(2, 6))
+
+
+def test_document_zigzag_cuts_every_document():
+    """Megatron's packed split: each document in 2P chunks, rank r holds chunks r and 2P-1-r of each, in order."""
+    docs = [0, 8, 12, 24]  # lengths 8, 4, 12 at P = 2: chunks of 2, 1 and 3 tokens
+    lay = layouts("document_zigzag", 24, 2, docs)
+    assert lay[0].positions().tolist() == [0, 1, 6, 7, 8, 11, 12, 13, 14, 21, 22, 23]
+    assert lay[1].positions().tolist() == [2, 3, 4, 5, 9, 10, 15, 16, 17, 18, 19, 20]
+    assert sorted(lay[0].global_order().tolist()) == list(range(24))
+    x = torch.arange(24)[None]
+    assert torch.equal(lay[0].unshard([lay_r.shard(x) for lay_r in lay]), x)
+    assert lay[1].document_starts().nonzero().flatten().tolist() == []  # no document starts on rank 1
+    # without documents it is the zigzag layout
+    assert (
+        SequenceLayout("document_zigzag", 24, 2, 1).positions().tolist()
+        == layouts("zigzag", 24, 2)[1].positions().tolist()
+    )
+
+
+def test_document_zigzag_errors_name_the_values():
+    with pytest.raises(ValueError, match=r"divisible by 2\*sp = 4 .*\(1, 6\)"):
+        SequenceLayout("document_zigzag", 24, 2, 0, [0, 8, 14, 24])
+    lay = SequenceLayout("document_zigzag", 24, 2, 0, [0, 8, 12, 24])
+    with pytest.raises(ValueError, match="LASP linear attention needs the sequence in 2P .*3 documents"):
+        lay.require_uniform_chunks("LASP linear attention")
+    SequenceLayout("document_zigzag", 24, 2, 0, [0, 24]).require_uniform_chunks("one document")  # one size

@@ -99,7 +99,7 @@ def block_plan(spec: AttentionSpec, q_ranks: Sequence[int], k_ranks: Sequence[in
 @functools.lru_cache(maxsize=4096)
 def _rank_spans(key: tuple, sp_ranks: tuple[int, ...]) -> tuple[Span, ...]:
     kind, seq_len, sp_size, doc_offsets, _, max_span = key
-    layout = SequenceLayout(kind, seq_len, sp_size, 0)
+    layout = SequenceLayout(kind, seq_len, sp_size, 0, doc_offsets)  # document_zigzag chunks by documents
     bounds = doc_offsets or (0, seq_len)
     spans = []
     for i, r in enumerate(sp_ranks):

@@ -65,7 +65,9 @@ def prepare(
     """
     check_inputs(q, k, v, decay, gate, None, None, values=checking_values())
     check_qkv_length(q, layout)
-    starts = layout.with_documents(cu_seqlens).document_starts(q.device)
+    layout = layout.with_documents(cu_seqlens)
+    layout.require_uniform_chunks("LASP linear attention")
+    starts = layout.document_starts(q.device)
     if decay is None and gate is None and starts is None:
         return None
     log_gate = q.new_zeros(q.shape[:3], dtype=accumulation_dtype(q.dtype))

@@ -6,6 +6,7 @@ leaving some ranks waiting in a collective.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -111,6 +112,18 @@ class SequenceStrategy:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(comm={self.comm!r}, layout={self.layout!r})"
+
+    def with_layout(self, layout: SequenceLayout) -> SequenceStrategy:
+        """This strategy, with its communicators and settings, for another layout of the same ranks (another
+        sequence length or layout kind). No collective: sub-groups made at construction are shared."""
+        if (layout.sp_size, layout.sp_rank) != (self.layout.sp_size, self.layout.sp_rank):
+            raise ValueError(
+                f"{self.name}: with_layout keeps the ranks (sp_rank {self.layout.sp_rank} of {self.layout.sp_size}),"
+                f" got sp_rank {layout.sp_rank} of {layout.sp_size}"
+            )
+        other = copy.copy(self)
+        other.layout = layout
+        return other
 
     def communicators(self) -> list[Communicator]:
         """The communicators this strategy moves bytes through; their ``stats`` add up to its traffic."""

@@ -54,6 +54,7 @@ def causal_conv(
         raise ValueError(f"causal_conv expects {layout.local_len} local tokens (the layout's), got {tokens}")
     if comm.size != layout.sp_size:
         raise ValueError(f"causal_conv needs a communicator of size sp={layout.sp_size}, got {comm.size}")
+    layout.require_uniform_chunks("causal_conv")
     halo = weight.shape[1] - 1
     if halo > layout.chunk_size:  # a chunk's tail is the whole halo of the chunk after it
         raise ValueError(
