@@ -440,3 +440,92 @@ def test_cp_comm_type_mapping_and_call_errors(worlds):
         assert "cu_seqlens_q=[0, 6] differs from cu_seqlens_q_padded=[0, 16]" in errors["padding under no_mask"]
         assert "divisible by 2*sp = 4" in errors["odd document"] and "(0, 6)" in errors["odd document"]
         assert (got["usp default"], got["usp hierarchical"]) == (2, 1)
+
+
+def job_training(strategy: str, steps: int) -> dict:
+    """Megatron's own training step (its DDP, get_megatron_optimizer (SGD with momentum: Adam's normalisation
+    would blow rounding differences of near-zero gradients up to the learning rate), get_forward_backward_func with
+    finalize_model_grads and per-token loss) on a global batch of 2 sequences: CP = 1 (dp = 2, a sequence per
+    rank, stock attention) and CP = 2 (dp = 1, distseq attention). Returns the losses and final weights of both."""
+
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    from distseq.integrations.megatron import gpt_layer_spec
+    from distseq.testing.megatron import megatron_on_cpu
+
+    torch.manual_seed(1)
+    tokens = torch.randint(0, VOCAB, (2, SEQ))
+    labels = torch.randint(0, VOCAB, tokens.shape)
+    positions = torch.arange(SEQ).expand(tokens.shape)
+
+    def loss_func(output):  # the per-token form: (sum, tokens, report); Megatron normalises over dp x cp
+        total = output.float().sum()
+        count = torch.tensor(output.numel(), dtype=torch.int)
+        return total, count, {"lm loss": torch.stack([total.detach(), count.float()])}
+
+    def forward_step(batches, model):
+        batch = next(batches)
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        return output, loss_func
+
+    def train(cp: int, spec, state) -> tuple[list[float], dict]:
+        ps = _init(cp)
+        config = _config(cp, 2, calculate_per_token_loss=True)
+        model = _gpt(config, spec, "rope")
+        if state is not None:
+            model.load_state_dict(state)
+        initial = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+        ddp = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
+        optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="sgd", lr=0.5, sgd_momentum=0.9, clip_grad=0.0, params_dtype=torch.float32), [ddp]
+        )
+        config.finalize_model_grads_func = finalize_model_grads
+        if cp == 1:  # data parallel: a sequence per rank
+            rank = ps.get_data_parallel_rank()
+            batch = {"tokens": tokens[rank : rank + 1], "labels": labels[rank : rank + 1]}
+            batch["position_ids"] = positions[rank : rank + 1]
+        else:
+            batch = get_batch_on_this_cp_rank({"tokens": tokens, "labels": labels, "position_ids": positions})
+        losses = []
+        for _ in range(steps):
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            reports = get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iter([batch]),
+                model=[ddp],
+                num_microbatches=1,
+                seq_length=batch["tokens"].shape[1],
+                micro_batch_size=batch["tokens"].shape[0],
+            )
+            total = reports[0]["lm loss"].clone()
+            dist.all_reduce(total)  # every rank's (sum, tokens): the global mean loss
+            losses.append((total[0] / total[1]).item())
+            updated, _, _ = optimizer.step()
+            assert updated
+        weights = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+        ps.destroy_model_parallel()
+        return losses, weights, initial
+
+    with megatron_on_cpu():
+        want_losses, want_weights, initial = train(1, get_gpt_layer_local_spec(), None)
+        losses, weights, _ = train(2, gpt_layer_spec(strategy), initial)
+    return {
+        "losses": losses,
+        "want_losses": want_losses,
+        "weights": max(_rel(weights[k], want_weights[k]) for k in want_weights),
+        "moved": max((want_weights[k] - initial[k]).abs().max().item() for k in want_weights),
+    }
+
+
+def test_megatron_training_step_at_cp2_equals_cp1(worlds):
+    for got in worlds(2).run(job_training, "ring", 3, timeout=240):
+        assert len(got["losses"]) == 3
+        for loss, want in zip(got["losses"], got["want_losses"], strict=True):
+            assert abs(loss - want) <= TOL * abs(want), got
+        assert got["weights"] <= TOL, got
+        assert got["moved"] > 1e-3, got  # the optimizer did move the weights
