@@ -27,12 +27,12 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
 
 
-def _init(cp: int):
+def _init(cp: int, tp: int = 1):
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(1, 1, context_parallel_size=cp)
+    parallel_state.initialize_model_parallel(tp, 1, context_parallel_size=cp)
     model_parallel_cuda_manual_seed(0)
     return parallel_state
 
@@ -229,9 +229,10 @@ def _recurrence(q, k, v, log_gate):
     return torch.stack(out, 1)
 
 
-def job_mixer(gate: bool, strategy: str) -> dict:
-    """DistseqLinearMixer at CP = 2 on Megatron's split against a loop over the whole sequence, written from
-    the mixer's definition with its own weights: forward and the input/weight gradients (summed over CP)."""
+def job_mixer(gate: bool, strategy: str, tp: int = 1) -> dict:
+    """DistseqLinearMixer at CP = 2 (and TP = ``tp``) on Megatron's split against a loop over the whole sequence,
+    written from the mixer's definition with its weights (gathered over TP): forward and the input and weight
+    gradients (summed over CP)."""
     from megatron.core.utils import get_batch_on_this_cp_rank
 
     from distseq.integrations.megatron import DistseqLinearMixer
@@ -239,8 +240,8 @@ def job_mixer(gate: bool, strategy: str) -> dict:
 
     heads, dim = 4, 8
     with megatron_on_cpu():
-        ps = _init(2)
-        config = _config(2, HEADS, num_layers=1)
+        ps = _init(2, tp)
+        config = _config(2, HEADS, num_layers=1, tensor_model_parallel_size=tp)
         torch.manual_seed(0)
         mixer = DistseqLinearMixer(config, HIDDEN, strategy=strategy, num_heads=heads, head_dim=dim, gate=gate)
         torch.manual_seed(2)
@@ -250,34 +251,36 @@ def job_mixer(gate: bool, strategy: str) -> dict:
         assert bias is None
         out.square().sum().backward()
 
-        # the loop, in fp64 on the full sequence
-        w_in = mixer.in_proj.weight.detach().double().requires_grad_()
-        w_out = mixer.out_proj.weight.detach().double().requires_grad_()
+        # the loop, in fp64 on the full sequence with the full weights
+        tp_group, tp_rank = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_rank()
+
+        def gathered(weight: torch.Tensor, dim: int) -> torch.Tensor:
+            parts = [torch.empty_like(weight) for _ in range(tp)]
+            dist.all_gather(parts, weight.detach().contiguous(), group=tp_group)
+            return torch.cat(parts, dim).double().requires_grad_()
+
+        w_in, w_out = gathered(mixer.in_proj.weight, 0), gathered(mixer.out_proj.weight, 1)
         full = x.clone().requires_grad_()
         mixed = (full @ w_in.T).view(2, SEQ, heads, -1)
         q, k, v = mixed[..., :dim] * dim**-0.5, mixed[..., dim : 2 * dim], mixed[..., 2 * dim : 3 * dim]
-        log_gate = torch.zeros(2, SEQ, heads, dtype=torch.float64) + mixer.decay.double()
+        decay = -torch.exp2(-8.0 * torch.arange(1, heads + 1, dtype=torch.float64) / heads)  # lightning slopes
+        log_gate = torch.zeros(2, SEQ, heads, dtype=torch.float64) + decay
         if gate:
             log_gate = log_gate + torch.nn.functional.logsigmoid(mixed[..., 3 * dim])
         o = _recurrence(q, k, v, log_gate)
-        o = (
-            o
-            * torch.rsqrt(o.square().mean(-1, keepdim=True) + config.layernorm_epsilon)
-            * mixer.out_norm.weight.double()
-        )
-        want = o.reshape(2, SEQ, -1) @ w_out.T
+        o = o * torch.rsqrt(o.square().mean(-1, keepdim=True) + config.layernorm_epsilon)
+        want = (o * mixer.out_norm.weight.double()).reshape(2, SEQ, -1) @ w_out.T
         want.square().sum().backward()
 
-        cp_group = ps.get_context_parallel_group()
         grads = {"in_proj": mixer.in_proj.weight.grad, "out_proj": mixer.out_proj.weight.grad}
         for g in grads.values():
-            dist.all_reduce(g, group=cp_group)
+            dist.all_reduce(g, group=ps.get_context_parallel_group())
         shard = lambda t: get_batch_on_this_cp_rank({"t": t})["t"]  # noqa: E731
         errors = {
             "out": _rel(out.transpose(0, 1).double(), shard(want.detach())),
             "dx": _rel(local.grad.transpose(0, 1).double(), shard(full.grad)),
-            "in_proj": _rel(grads["in_proj"].double(), w_in.grad),
-            "out_proj": _rel(grads["out_proj"].double(), w_out.grad),
+            "in_proj": _rel(grads["in_proj"].double(), w_in.grad.chunk(tp, 0)[tp_rank]),
+            "out_proj": _rel(grads["out_proj"].double(), w_out.grad.chunk(tp, 1)[tp_rank]),
         }
         ps.destroy_model_parallel()
     return errors
@@ -287,6 +290,12 @@ def job_mixer(gate: bool, strategy: str) -> dict:
 @pytest.mark.parametrize("gate", [False, True])
 def test_linear_mixer_equals_recurrence(worlds, strategy, gate):
     for rank, errors in enumerate(worlds(2).run(job_mixer, gate, strategy, timeout=240)):
+        assert max(errors.values()) <= TOL, (rank, errors)
+
+
+def test_linear_mixer_with_tensor_parallel_heads(worlds):
+    """TP = 2 x CP = 2: each TP rank's heads, their decays and the row-parallel sum back."""
+    for rank, errors in enumerate(worlds(4).run(job_mixer, True, "lasp2", 2, timeout=240)):
         assert max(errors.values()) <= TOL, (rank, errors)
 
 
