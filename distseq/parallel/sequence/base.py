@@ -166,6 +166,9 @@ class SequenceStrategy:
     def linear_attention(self, q, k, v, *, decay=None, gate=None, cu_seqlens=None) -> torch.Tensor:
         raise TypeError(f"strategy {self.name!r} does not implement linear attention; use 'lasp2'")
 
+    def delta_rule(self, q, k, v, beta, *, gate=None, cu_seqlens=None) -> torch.Tensor:
+        raise TypeError(f"strategy {self.name!r} does not implement the gated delta rule; use 'lasp2' or 'ulysses'")
+
     def _spec(
         self,
         q: torch.Tensor,

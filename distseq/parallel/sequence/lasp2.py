@@ -22,19 +22,24 @@ contiguous, 2 zigzag), ``a`` bytes per accumulation element (4; 8 for fp64)): fo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from distseq.kernels.attention import accumulation_dtype
+from distseq.kernels.delta_rule import check_delta_rule_inputs
 from distseq.parallel.comm import Communicator
 from distseq.parallel.layout import SequenceLayout
 from distseq.parallel.sequence._linear import (
     LinearStateStrategy,
     LocalChunks,
     global_order,
+    prepare,
     scan_states,
     scan_states_backward,
 )
+from distseq.parallel.sequence.delta import delta_rule_exchange
 
 __all__ = ["LASP2"]
 
@@ -142,3 +147,29 @@ class LASP2(LinearStateStrategy):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: torch.Tensor | None) -> torch.Tensor:
         return _LASP2.apply(q, k, v, log_gate, self.comm, self.layout, self._local, torch.is_grad_enabled())
+
+    def delta_rule(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        beta: torch.Tensor,
+        *,
+        gate: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """The gated delta rule over the whole sharded sequence (``distseq.kernels.delta_rule``):
+        ``S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``, ``o_t = S_t^T q_t`` (q not scaled).
+
+        q, k ``[B, n, H, K]``, v ``[B, n, H, V]``, beta and gate (log, -inf resets) ``[B, n, H]``, this rank's
+        tokens in layout order; cu_seqlens global document offsets. One all-gather of chunk summaries
+        (``distseq.parallel.sequence.delta``). Returns ``[B, n, H, V]`` in q's dtype, computed in fp32 (fp64 for
+        fp64) under any autocast; input errors raise ValueError before any collective.
+        """
+        check_delta_rule_inputs(q, k, v, beta, gate, None, None, values=False)
+        dtype = accumulation_dtype(q.dtype)
+        with torch.autocast(q.device.type, enabled=False):
+            log_gate = prepare(self.layout, q, k, v, None, gate, cu_seqlens)
+            cast = (x.to(dtype) for x in (q, k, v, beta))
+            out = delta_rule_exchange(self.comm, self.layout, *cast, log_gate, chunk_size=self.chunk_size)
+        return out.to(q.dtype)

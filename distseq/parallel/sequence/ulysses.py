@@ -14,11 +14,12 @@ backward the same (dout there; dq, dk, dv back).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from distseq.kernels.attention import accumulation_dtype
+from distseq.kernels.delta_rule import check_delta_rule_inputs
 from distseq.kernels.linear_attention import check_linear_attention_inputs, checking_values
 from distseq.kernels.linear_attention.backends import linear_attention_backend
 from distseq.parallel import functional as F
@@ -173,26 +174,55 @@ class UlyssesAttention(SequenceStrategy):
         Bytes per rank each way: ``(P-1)/P B n (2 h dk + 2 h dv [+ h for a gate]) s``.
         """
         check_linear_attention_inputs(q, k, v, decay, gate, None, None, values=checking_values())
+        to_heads, back, local = self._on_heads(q, cu_seqlens)
+        heads = q.shape[2] // self.comm.size
+        out = local.linear_attention(
+            to_heads(q),
+            to_heads(k),
+            to_heads(v),
+            decay=None if decay is None else decay[self.comm.rank * heads : (self.comm.rank + 1) * heads],
+            gate=None if gate is None else to_heads(gate[..., None])[..., 0],
+        )
+        return back(out)
+
+    def delta_rule(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        beta: torch.Tensor,
+        *,
+        gate: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """The gated delta rule by head all-to-all (the baseline of LASP-2's ``delta_rule``, same contract): each
+        rank runs the whole sequence on ``heads / P`` heads. Bytes per rank each way:
+        ``(P-1)/P B n (2 h dk + 2 h dv + h [+ h for a gate]) s``."""
+        check_delta_rule_inputs(q, k, v, beta, gate, None, None, values=checking_values())
+        to_heads, back, local = self._on_heads(q, cu_seqlens)
+        scalar = lambda x: None if x is None else to_heads(x[..., None])[..., 0]  # noqa: E731  [B, n, H] tensors
+        return back(local.delta_rule(to_heads(q), to_heads(k), to_heads(v), scalar(beta), gate=scalar(gate)))
+
+    def _on_heads(self, q: torch.Tensor, cu_seqlens) -> tuple[Callable, Callable, LASP2]:
+        """The exchange of the linear baselines: ``to_heads`` (this rank's tokens of all heads -> every token of
+        ``heads / P`` heads, in sequence order), ``back`` (the inverse) and LASP-2 over one rank for the whole
+        sequence (it computes in fp32 under any autocast and reads nothing back from the device)."""
         check_qkv_length(q, self.layout)
         check_head_sharding("ulysses", q.shape[2], self.comm.size, "sp")
         layout = self.layout.with_documents(cu_seqlens)
-        comm, p, r = self.comm, self.comm.size, self.comm.rank
+        comm = self.comm
         order = layout.global_order(q.device)  # global position of each gathered token
         natural = torch.argsort(order)
 
         def to_heads(x: torch.Tensor) -> torch.Tensor:
             return F.all_to_all(x, comm, scatter_dim=2, gather_dim=1)[:, natural]
 
-        # The whole sequence on this rank's heads: LASP-2 over one rank (no exchange), which computes in fp32
-        # under any autocast and reads nothing back from the device.
+        def back(x: torch.Tensor) -> torch.Tensor:
+            return F.all_to_all(x[:, order], comm, scatter_dim=1, gather_dim=2)
+
         whole = SequenceLayout("contiguous", layout.seq_len, 1, 0, layout.doc_offsets)
-        local = LASP2(Communicator.solo(), whole, chunk_size=self.chunk_size, backend=self.linear_backend)
-        local_heads = q.shape[2] // p
-        out = local.linear_attention(
-            to_heads(q),
-            to_heads(k),
-            to_heads(v),
-            decay=None if decay is None else decay[r * local_heads : (r + 1) * local_heads],
-            gate=None if gate is None else to_heads(gate[..., None])[..., 0],
+        return (
+            to_heads,
+            back,
+            LASP2(Communicator.solo(), whole, chunk_size=self.chunk_size, backend=self.linear_backend),
         )
-        return F.all_to_all(out[:, order], comm, scatter_dim=1, gather_dim=2)
