@@ -176,6 +176,7 @@ def _dry_run(cfg, world_size: int) -> int:
         linear_strategy=p.linear_strategy,
         layout=p.layout,
         data_parallel=p.data_parallel,
+        zero_stage=cfg.deepspeed.zero_stage if p.data_parallel == "deepspeed" else None,
         ulysses_degree=plan.ulysses_degree,
         dtype_bytes=2 if bf16 else 4,  # activations under bf16 autocast; weights and optimizer stay fp32
         param_bytes=4,

@@ -9,6 +9,7 @@ model-dependent checks, all before ``init_process_group``.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -17,6 +18,7 @@ from distseq.config.model import ModelConfig
 __all__ = [
     "CheckpointConfig",
     "DataConfig",
+    "DeepSpeedConfig",
     "MetricsConfig",
     "OptimConfig",
     "ParallelConfig",
@@ -43,7 +45,9 @@ class ParallelConfig:
         ulysses_degree: the head-parallel degree of ``usp`` (must divide sp); default: largest that fits.
         data_parallel: how gradients of replicated weights are summed over dp x sp: ``reduce`` (one flat
             all-reduce per group after backward; supports expert parallelism), ``ddp`` (torch DDP, overlapped
-            with backward) or ``fsdp`` (FSDP2, parameters and optimizer state sharded over dp x sp).
+            with backward), ``fsdp`` (FSDP2, parameters and optimizer state sharded over dp x sp) or
+            ``deepspeed`` (a DeepSpeed ZeRO engine over dp x sp, configured by the ``deepspeed`` section; tp and
+            ep 1).
         backend: process-group backend; ``auto`` = nccl when CUDA is available, else gloo.
         collective_timeout_s: a collective that does not finish in this time fails the run, naming it.
     """
@@ -57,7 +61,7 @@ class ParallelConfig:
     attention_backend: Literal["auto", "sdpa", "flash_attn", "reference"] = "auto"
     layout: Literal["contiguous", "zigzag"] = "zigzag"
     ulysses_degree: int | None = None
-    data_parallel: Literal["reduce", "ddp", "fsdp"] = "reduce"
+    data_parallel: Literal["reduce", "ddp", "fsdp", "deepspeed"] = "reduce"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     collective_timeout_s: float = 300.0
 
@@ -230,6 +234,47 @@ class MetricsConfig:
 
 
 @dataclass(kw_only=True)
+class DeepSpeedConfig:
+    """DeepSpeed ZeRO over the dp x sp ranks (``parallel.data_parallel: deepspeed``; ``pip install
+    distseq[deepspeed]``). The optimizer (AdamW), the learning-rate schedule, micro-batch accumulation and the
+    clipping norm (``optim.max_grad_norm``) stay the trainer's; DeepSpeed reduces, shards, clips and steps.
+
+    Attributes:
+        zero_stage: 0 (gradients all-reduced, nothing sharded), 1 (optimizer state sharded over dp x sp),
+            2 (also gradients) or 3 (also parameters, gathered layer by layer in forward and backward).
+        offload_optimizer: ``cpu`` keeps the optimizer state and its step in host memory (stages 1-3).
+        offload_param: ``cpu`` keeps the sharded parameters in host memory (stage 3 only).
+        reduce_bucket_size: elements per gradient reduction bucket.
+        param_persistence_threshold: stage 3: parameters of at most this many elements stay whole on every rank
+            after their first gather (saving one gather per layer and micro-batch); 0 shards every parameter.
+    """
+
+    zero_stage: int = 2
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    offload_param: Literal["none", "cpu"] = "none"
+    reduce_bucket_size: int = 500_000_000
+    param_persistence_threshold: int = 100_000
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.offload_param != "none" and self.zero_stage != 3:
+            raise ValueError(
+                f"deepspeed.offload_param={self.offload_param!r} needs zero_stage 3 (parameters are sharded only "
+                f"there), got zero_stage={self.zero_stage}"
+            )
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ValueError(
+                f"deepspeed.offload_optimizer={self.offload_optimizer!r} needs zero_stage 1, 2 or 3, got 0"
+            )
+        if self.reduce_bucket_size < 1 or self.param_persistence_threshold < 0:
+            raise ValueError(
+                f"deepspeed.reduce_bucket_size must be >= 1 and param_persistence_threshold >= 0, got "
+                f"{self.reduce_bucket_size}, {self.param_persistence_threshold}"
+            )
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     name: str = "run"
     output_dir: str = "runs"
@@ -240,6 +285,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def check(self, world_size: int) -> dict[str, int]:
         """Validate what needs neither a model nor a process group; returns the parallel degrees."""
@@ -266,6 +312,16 @@ class RunConfig:
             raise ValueError(
                 f"expert parallelism (ep={deg['ep']}) needs parallel.data_parallel 'reduce' "
                 f"(got {self.parallel.data_parallel!r}): expert weights reduce over their own group"
+            )
+        if self.parallel.data_parallel == "deepspeed" and deg["tp"] > 1:
+            raise ValueError(
+                f"parallel.data_parallel 'deepspeed' needs tp=1, got tp={deg['tp']}: DeepSpeed would reduce and "
+                "clip tensor-parallel shards as whole weights (use 'reduce', 'ddp' or 'fsdp' with tp > 1)"
+            )
+        if self.parallel.data_parallel != "deepspeed" and self.deepspeed != DeepSpeedConfig():
+            warnings.warn(
+                f"the deepspeed section has no effect with parallel.data_parallel {self.parallel.data_parallel!r}",
+                stacklevel=2,
             )
         return deg
 

@@ -9,7 +9,9 @@ gathered to their tensor-parallel-local shape for the save and scattered back af
 
 A checkpoint is a directory ``step_XXXXXXXX`` holding the DCP files, ``rng/rank<r>.pt`` (every rank's RNG
 state) and, written last, ``meta.json`` (step, scheduler, data position, layout, config): a directory
-without ``meta.json`` is incomplete and ignored.
+without ``meta.json`` is incomplete and ignored. :class:`CheckpointDirectory` holds that bookkeeping, shared with
+the DeepSpeed engine's checkpoints (``distseq.train.deepspeed_engine``), which write their weights in DeepSpeed's
+format and say so in ``meta.json`` (``"engine": "deepspeed"``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from distseq.parallel.data import EXPERT_PARAM_ATTR
 from distseq.parallel.mesh import ParallelDims
 from distseq.parallel.tensor import TP_SHARD_DIM_ATTR
 
-__all__ = ["CheckpointManager", "ParamShard", "checkpoint_mesh", "param_shards"]
+__all__ = ["CheckpointDirectory", "CheckpointManager", "ParamShard", "checkpoint_mesh", "param_shards"]
 
 META = "meta.json"
 
@@ -98,7 +100,83 @@ def _ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                     optimizer.state[p]["max_exp_avg_sq"] = torch.zeros_like(p)
 
 
-class CheckpointManager:
+class CheckpointDirectory:
+    """The ``step_XXXXXXXX`` checkpoints of one run, whatever writes their weights: completeness (``meta.json``
+    written last), every rank's RNG state, the newest complete one, pruning, and retiring an earlier run's.
+    :class:`CheckpointManager` (DCP) and the DeepSpeed engine's checkpoints add ``save`` and ``load``.
+
+    Args:
+        directory: where ``step_XXXXXXXX`` directories go.
+        keep: complete checkpoints kept (0 = all).
+    """
+
+    def __init__(self, directory: str | Path, *, keep: int = 2):
+        self.directory, self.keep = Path(directory), keep
+
+    def step_path(self, step: int) -> Path:
+        return self.directory / f"step_{step:08d}"
+
+    def _complete(self, path: Path, step: int, meta: dict[str, Any]) -> Path:
+        """After every rank wrote its weights to ``path``: each rank's RNG state, then (rank 0, once all are
+        done) ``meta.json`` and pruning. Collective."""
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        (path / "rng").mkdir(parents=True, exist_ok=True)
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, path / "rng" / f"rank{rank}.pt")
+        _barrier()
+        if rank == 0:
+            tmp = path / (META + ".tmp")
+            tmp.write_text(json.dumps({"step": step, **meta}, indent=1))
+            os.replace(tmp, path / META)
+            self._prune()
+        _barrier()
+        return path
+
+    @staticmethod
+    def read_meta(path: str | Path) -> dict[str, Any]:
+        """The ``meta.json`` of checkpoint ``path``; FileNotFoundError when it is incomplete."""
+        path = Path(path)
+        if not (path / META).exists():
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {META})")
+        return json.loads((path / META).read_text())
+
+    def restore_rng(self, path: str | Path) -> None:
+        """Restore this rank's RNG state saved in ``path`` (meaningful only under the layout that saved it)."""
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        rng = torch.load(Path(path) / "rng" / f"rank{rank}.pt", weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint in the directory, or None."""
+        done = sorted(p for p in self.directory.glob("step_*") if (p / META).exists())
+        return done[-1] if done else None
+
+    def retire(self) -> Path | None:
+        """Move the checkpoints a previous run left in the directory to ``<directory>.previous`` (replacing an
+        older one there), so a new run's saves, pruning and ``--resume`` see only its own (collective; rank 0
+        moves). Returns where they went, or None when there were none."""
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        moved = None
+        if rank == 0 and self.directory.is_dir() and any(self.directory.glob("step_*")):
+            moved = self.directory.with_name(self.directory.name + ".previous")
+            shutil.rmtree(moved, ignore_errors=True)
+            os.replace(self.directory, moved)
+        _barrier()
+        return moved
+
+    def _prune(self) -> None:
+        if not self.keep:
+            return
+        done = sorted(p for p in self.directory.glob("step_*") if (p / META).exists())
+        for old in done[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+class CheckpointManager(CheckpointDirectory):
     """Save and load model + optimizer (DCP, resharding) and the run's small state (JSON, rank 0).
 
     Args:
@@ -120,8 +198,8 @@ class CheckpointManager:
         *,
         keep: int = 2,
     ):
-        self.directory = Path(directory)
-        self.model, self.optimizer, self.shards, self.mesh, self.keep = model, optimizer, shards, mesh, keep
+        super().__init__(directory, keep=keep)
+        self.model, self.optimizer, self.shards, self.mesh = model, optimizer, shards, mesh
         missing = sorted(set(dict(model.named_parameters())) - set(shards))
         if missing:
             raise ValueError(f"no sharding recorded for parameters {missing}; call param_shards before wrapping")
@@ -163,70 +241,28 @@ class CheckpointManager:
     def save(self, step: int, meta: dict[str, Any]) -> Path:
         """Save at ``step`` (collective); ``meta`` (JSON-able: scheduler, data position, config) goes to
         ``meta.json``, written by rank 0 after every rank finished. Returns the directory."""
-        path = self.directory / f"step_{step:08d}"
-        rank = dist.get_rank() if dist.is_initialized() else 0
+        path = self.step_path(step)
         state, _ = self._state()
         dcp.save(state, checkpoint_id=str(path))
-        (path / "rng").mkdir(parents=True, exist_ok=True)
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        torch.save(rng, path / "rng" / f"rank{rank}.pt")
-        _barrier()
-        if rank == 0:
-            tmp = path / (META + ".tmp")
-            tmp.write_text(json.dumps({"step": step, **meta}, indent=1))
-            os.replace(tmp, path / META)
-            self._prune()
-        _barrier()
-        return path
+        return self._complete(path, step, meta)
 
     def load(self, path: str | Path, *, model_only: bool = False) -> dict[str, Any]:
         """Load model and optimizer (or, with ``model_only``, the model's weights alone: a run initialised
         from another run) from ``path`` into the current layout (collective); returns the meta dict."""
         path = Path(path)
-        if not (path / META).exists():
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {META})")
-        meta = json.loads((path / META).read_text())
+        meta = self.read_meta(path)
+        if meta.get("engine", "dcp") != "dcp":
+            engine = meta["engine"]
+            raise ValueError(
+                f"{path} holds a {engine} checkpoint: only --resume of a parallel.data_parallel {engine!r} run under "
+                "the world size that saved it reads it (train.init_from needs one saved by 'reduce', 'ddp' or 'fsdp')"
+            )
         state, targets = self._state(model_only=model_only)
         dcp.load(state, checkpoint_id=str(path))
         for target, key in targets:
             loaded = state[key]
             _write_back(target, loaded.to_local() if isinstance(loaded, DTensor) else loaded)
         return meta
-
-    def restore_rng(self, path: str | Path) -> None:
-        """Restore this rank's RNG state saved in ``path`` (meaningful only under the layout that saved it)."""
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        rng = torch.load(Path(path) / "rng" / f"rank{rank}.pt", weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-
-    def latest(self) -> Path | None:
-        """The newest complete checkpoint in the directory, or None."""
-        done = sorted(p for p in self.directory.glob("step_*") if (p / META).exists())
-        return done[-1] if done else None
-
-    def retire(self) -> Path | None:
-        """Move the checkpoints a previous run left in the directory to ``<directory>.previous`` (replacing an
-        older one there), so a new run's saves, pruning and ``--resume`` see only its own (collective; rank 0
-        moves). Returns where they went, or None when there were none."""
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        moved = None
-        if rank == 0 and self.directory.is_dir() and any(self.directory.glob("step_*")):
-            moved = self.directory.with_name(self.directory.name + ".previous")
-            shutil.rmtree(moved, ignore_errors=True)
-            os.replace(self.directory, moved)
-        _barrier()
-        return moved
-
-    def _prune(self) -> None:
-        if not self.keep:
-            return
-        done = sorted(p for p in self.directory.glob("step_*") if (p / META).exists())
-        for old in done[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _contiguous(shape: list[int]) -> tuple[int, ...]:

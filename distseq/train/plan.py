@@ -35,7 +35,7 @@ __all__ = [
 #: optimizer -> state tensors per parameter (kept in fp32, fp64 for fp64 parameters); sgd without momentum
 OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 0}
 #: how gradients are summed over dp x sp (``distseq.config.run.ParallelConfig.data_parallel``)
-DATA_PARALLEL = ("reduce", "ddp", "fsdp")
+DATA_PARALLEL = ("reduce", "ddp", "fsdp", "deepspeed")
 
 _PRIMITIVES = {
     "ring": "send_recv (K/V ring; fp32 dK/dV ring backward)",
@@ -191,13 +191,20 @@ def _all_reduce(numel: int, size: int, elem_bytes: int) -> int:
     return 2 * (size - 1) * math.ceil(numel / size) * elem_bytes if size > 1 else 0
 
 
-def _check(cfg, dims, seq_len, micro_batch, grad_accum, softmax, linear, layout, optimizer, dp_mode, u) -> None:
+def _check(cfg, dims, seq_len, micro_batch, grad_accum, softmax, linear, layout, optimizer, dp_mode, u, zero) -> None:
     if micro_batch < 1 or grad_accum < 1:
         raise ValueError(f"micro_batch and grad_accum must be >= 1, got {micro_batch} and {grad_accum}")
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {sorted(OPTIMIZER_STATES)}")
     if dp_mode not in DATA_PARALLEL:
         raise ValueError(f"unknown data-parallel mode {dp_mode!r}; choose one of {DATA_PARALLEL}")
+    if dp_mode == "deepspeed":
+        if zero not in (0, 1, 2, 3):
+            raise ValueError(f"data_parallel='deepspeed' needs zero_stage 0, 1, 2 or 3, got {zero!r}")
+        if dims.tp > 1:
+            raise ValueError(f"data_parallel='deepspeed' needs tp=1, got tp={dims.tp}")
+    elif zero is not None:
+        warnings.warn(f"zero_stage={zero} has no effect with data_parallel={dp_mode!r}", stacklevel=3)
     if dp_mode != "reduce" and dims.ep > 1 and "M" in cfg.mlp_kinds():
         raise ValueError(
             f"data_parallel={dp_mode!r} does not handle expert-parallel weights (ep={dims.ep}); use 'reduce'"
@@ -383,6 +390,44 @@ def _expert_parallel(cfg: ModelConfig, dims: ParallelDims, tokens: int, s: int, 
     }
 
 
+def _zero_stage(data_parallel: str, zero_stage: int | None) -> int:
+    """What the engine shards over dp x sp, as a ZeRO stage: 1 optimizer state, 2 also gradients, 3 also
+    parameters (FSDP2 shards all three)."""
+    if data_parallel == "deepspeed":
+        return zero_stage
+    return 3 if data_parallel == "fsdp" else 0
+
+
+def _deepspeed_gradients(dims: ParallelDims, weights: int, p_bytes: int, stage: int, grad_accum: int) -> dict:
+    """DeepSpeed's collectives over dp x sp: stages 0 and 1 reduce on the step's last micro-batch, 2 and 3 on every
+    micro-batch; 1 and 2 all-gather the updated parameters after the step, 3 gathers them in forward and backward."""
+    shard = (dims.dp_sp - 1) * math.ceil(weights / dims.dp_sp) * p_bytes
+    if stage == 0:
+        items = {"all_reduce of the gradients over dp_sp (last micro-batch)": _all_reduce(weights, dims.dp_sp, p_bytes)}
+    elif stage == 1:
+        items = {
+            "reduce_scatter of the gradients over dp_sp (last micro-batch)": shard,
+            "all_gather of the updated parameters over dp_sp": shard,
+        }
+    elif stage == 2:
+        items = {
+            "reduce_scatter of the gradients over dp_sp (every micro-batch)": grad_accum * shard,
+            "all_gather of the updated parameters over dp_sp": shard,
+        }
+    else:
+        items = {
+            "all_gather of the parameters over dp_sp (forward and backward, every micro-batch)": 2 * grad_accum * shard,
+            "reduce_scatter of the gradients over dp_sp (every micro-batch)": grad_accum * shard,
+        }
+    return {
+        "primitive": f"deepspeed ZeRO-{stage}: gradients summed over dp_sp (as a mean of F x the loss)",
+        "convention": "(P-1) ceil(W/P) s per gather or scatter, 2 (P-1) ceil(W/P) s per all-reduce, ignoring "
+        "DeepSpeed's buckets and padding (approximate)",
+        "items": items,
+        "per_step": sum(items.values()),
+    }
+
+
 def _gradients(cfg, params: dict[str, int], dims: ParallelDims, p_bytes: int, mode: str, grad_accum: int) -> dict:
     expert = params["per_rank_experts"] if dims.ep > 1 else 0  # ep == 1: experts reduce with everything else
     dense = params["per_rank"] - expert
@@ -435,6 +480,7 @@ def plan_report(
     ulysses_degree: int | None = None,
     param_bytes: int | None = None,
     activation_checkpointing: bool = False,
+    zero_stage: int | None = None,
 ) -> dict[str, Any]:
     """Everything one training step of ``cfg`` on ``dims`` costs per rank, without running it.
 
@@ -443,10 +489,12 @@ def plan_report(
     the element size of activations and of what the layers communicate; ``param_bytes`` (``p``, default ``s``)
     that of parameters and gradients: 4 for bf16 autocast over fp32 weights (``dtype_bytes=2``). With
     autocast some activations stay fp32 (the residual stream, so the expert-parallel rows and the TP input
-    gradients); the plan counts them in ``s``. ``data_parallel``: ``reduce`` (``reduce_gradients``), ``ddp`` or
-    ``fsdp`` (the whole model one FSDP2 unit, as the trainer wraps it).
+    gradients); the plan counts them in ``s``. ``data_parallel``: ``reduce`` (``reduce_gradients``), ``ddp``,
+    ``fsdp`` (the whole model one FSDP2 unit, as the trainer wraps it) or ``deepspeed`` (ZeRO ``zero_stage``).
 
-    Memory per rank (bytes; ``W`` = parameters per rank after tp/ep sharding, ``F`` = dp * sp for fsdp, else 1):
+    Memory per rank (bytes; ``W`` = parameters per rank after tp/ep sharding; ``F`` = dp * sp where the engine
+    shards that part, else 1: fsdp shards all, deepspeed optimizer state and master weights from stage 1,
+    gradients from stage 2, parameters at stage 3; optimizer offloading is not modelled):
     ``W p / F`` (params) + ``W p / F`` (grads) + ``k W o / F`` (optimizer: ``k`` states of ``o = max(p, 4)``
     bytes) + ``4 W / F`` (fp32 master weights when ``p < 4``) + with fsdp ``2 W p (1 - 1/F)`` (the unit's
     parameters and gradients whole during the step) + the activations of one micro-batch: ``B n`` tokens
@@ -470,6 +518,7 @@ def plan_report(
         optimizer,
         data_parallel,
         ulysses_degree,
+        zero_stage,
     )
     for name, value in (("dtype_bytes", dtype_bytes), ("param_bytes", param_bytes)):
         if value is not None and value not in (2, 4, 8):
@@ -483,13 +532,16 @@ def plan_report(
     flops = model_flops_per_sequence(cfg, seq_len)
 
     weights = params["per_rank"]
-    shards = dims.dp_sp if data_parallel == "fsdp" else 1
+    stage = _zero_stage(data_parallel, zero_stage)
+    state_shards, grad_shards, param_shards = (dims.dp_sp if stage >= s else 1 for s in (1, 2, 3))
     memory = {
-        "params": math.ceil(weights * p_bytes / shards),
-        "grads": math.ceil(weights * p_bytes / shards),
-        "optimizer": math.ceil(OPTIMIZER_STATES[optimizer] * weights * max(p_bytes, 4) / shards),
-        "master_weights": math.ceil(4 * weights / shards) if p_bytes < 4 else 0,
-        "fsdp_unsharded": 2 * (weights * p_bytes - math.ceil(weights * p_bytes / shards)),
+        "params": math.ceil(weights * p_bytes / param_shards),
+        "grads": math.ceil(weights * p_bytes / grad_shards),
+        "optimizer": math.ceil(OPTIMIZER_STATES[optimizer] * weights * max(p_bytes, 4) / state_shards),
+        "master_weights": math.ceil(4 * weights / state_shards) if p_bytes < 4 else 0,
+        "fsdp_unsharded": (
+            2 * (weights * p_bytes - math.ceil(weights * p_bytes / dims.dp_sp)) if data_parallel == "fsdp" else 0
+        ),
         "activations": _activation_bytes(cfg, dims, tokens, s, activation_checkpointing),
     }
     memory["total"] = sum(memory.values())
@@ -515,7 +567,10 @@ def plan_report(
         "per_layer": _all_reduce(micro_batch * (cfg.num_experts + 1), dims.sp, 8) * (1 + activation_checkpointing),
     }
     moe_stats["per_step"] = cfg.mlp_kinds().count("M") * grad_accum * moe_stats["per_layer"]
-    gradients = _gradients(cfg, params, dims, p_bytes, data_parallel, grad_accum)
+    if data_parallel == "deepspeed":
+        gradients = _deepspeed_gradients(dims, weights, p_bytes, stage, grad_accum)
+    else:
+        gradients = _gradients(cfg, params, dims, p_bytes, data_parallel, grad_accum)
     totals = [
         sum(layer["per_step_sent"] for layer in sequence_parallel),
         tensor_parallel["per_step"],
@@ -535,6 +590,7 @@ def plan_report(
             "param_bytes": p_bytes,
             "optimizer": optimizer,
             "data_parallel": data_parallel,
+            "zero_stage": zero_stage,
             "ulysses_degree": ulysses_degree,
             "activation_checkpointing": activation_checkpointing,
         },
@@ -592,6 +648,7 @@ def format_plan(report: dict[str, Any]) -> str:
         f"{flops['train_per_step_per_rank']:.4g} train per step per rank",
         f"memory per rank (estimate; {inputs['dtype_bytes']}-byte activations, {inputs['param_bytes']}-byte "
         f"params, {inputs['optimizer']}, {inputs['data_parallel']}"
+        f"{' ZeRO-' + str(inputs['zero_stage']) if inputs['data_parallel'] == 'deepspeed' else ''}"
         f"{', activation checkpointing' if inputs['activation_checkpointing'] else ''}): "
         f"params {_size(mem['params'])}, grads {_size(mem['grads'])}, optimizer {_size(mem['optimizer'])}, "
         f"master {_size(mem['master_weights'])}, fsdp unsharded {_size(mem['fsdp_unsharded'])}, "

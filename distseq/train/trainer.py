@@ -7,7 +7,8 @@ The order matters and is the contract of the command:
 2. the process group (NCCL on GPU, gloo on CPU) with the configured collective timeout, the mesh and the
    per-axis communicators;
 3. the model, built whole with the run's seed on every rank, then split by the TP/EP plan and wrapped for
-   data parallelism; AdamW; the loader; a checkpoint to resume from if asked;
+   data parallelism; AdamW (handed to a DeepSpeed ZeRO engine with ``data_parallel: deepspeed``, see
+   ``deepspeed_engine``); the loader; a checkpoint to resume from if asked;
 4. the loop: micro-batches accumulated under one global loss normaliser, gradients reduced, clipped by the
    global norm, a warmup + cosine learning rate, metrics on rank 0, evaluation and checkpoints;
 5. after the last step, rank 0 draws ``metrics.png`` (when matplotlib is installed) and prints one line with
@@ -48,6 +49,7 @@ from distseq.parallel.layout import SequenceLayout
 from distseq.parallel.mesh import MeshAxis, ParallelDims
 from distseq.parallel.sequence.context import SequenceParallel
 from distseq.train.checkpoint import CheckpointManager, checkpoint_mesh, param_shards
+from distseq.train.deepspeed_engine import DeepSpeedCheckpoints, ZeroEngine, import_deepspeed
 from distseq.train.metrics import (
     METRICS_FILE,
     MetricsLogger,
@@ -92,6 +94,8 @@ class _Plan:
 def validate(cfg: RunConfig, world_size: int) -> _Plan:
     """Every check that needs no process group; raises ValueError naming the numbers."""
     deg = cfg.check(world_size)
+    if cfg.parallel.data_parallel == "deepspeed":
+        import_deepspeed()  # installed, or an ImportError saying how
     dims = ParallelDims(**deg, world_size=world_size)
     check_parallel_dims(cfg.model, dims)
     SequenceLayout(cfg.parallel.layout, cfg.data.seq_len, dims.sp, 0)  # sequence divisibility, named
@@ -184,7 +188,11 @@ def run_training(cfg: RunConfig, *, resume: bool | str = False) -> TrainResult:
         else:
             dist.init_process_group(backend, timeout=timeout)
     try:
-        return _Run(cfg, plan, device, resume, started=started).loop()
+        run = _Run(cfg, plan, device, resume, started=started)
+        try:
+            return run.loop()
+        finally:
+            run.close()
     finally:
         if owns_group:
             dist.destroy_process_group()
@@ -219,7 +227,7 @@ class _Run:
         self.shards = param_shards(model)
         self.model: nn.Module = model
         mode = cfg.parallel.data_parallel
-        if mode != "reduce":
+        if mode in ("ddp", "fsdp"):
             self.model = data_parallel(model, self.comms[MeshAxis.DP_SP], mode)
 
         decay, no_decay = [], []
@@ -232,6 +240,25 @@ class _Run:
             betas=o.betas,
             eps=o.eps,
         )
+        checkpoints = CheckpointManager(
+            cfg.checkpoint_dir,
+            self.module,
+            self.optimizer,
+            self.shards,
+            checkpoint_mesh(self.dims, device.type),
+            keep=cfg.checkpoint.keep,
+        )
+        self.zero: ZeroEngine | None = None
+        if mode == "deepspeed":
+            if cfg.train.init_from and not resume:
+                # Before DeepSpeed takes the weights (stage 3 shards them); an incomplete checkpoint is named.
+                checkpoints.load(cfg.train.init_from, model_only=True)
+            self.zero = ZeroEngine(model, self.optimizer, cfg, self.comms, device)
+            self.model = self.zero.engine
+            checkpoints = DeepSpeedCheckpoints(
+                cfg.checkpoint_dir, self.zero, world_size=self.dims.world_size, keep=cfg.checkpoint.keep
+            )
+        self.ckpt: CheckpointManager | DeepSpeedCheckpoints = checkpoints
 
         layout = SequenceLayout(cfg.parallel.layout, cfg.data.seq_len, self.dims.sp, coords[MeshAxis.SP])
         options = {"attention_backend": cfg.parallel.attention_backend}
@@ -263,19 +290,11 @@ class _Run:
 
         self.step = 0
         self.run_dir = Path(cfg.run_dir)
-        self.ckpt = CheckpointManager(
-            cfg.checkpoint_dir,
-            self.module,
-            self.optimizer,
-            self.shards,
-            checkpoint_mesh(self.dims, device.type),
-            keep=cfg.checkpoint.keep,
-        )
         self.result = TrainResult(run_dir=str(self.run_dir))
         if resume:
             self._resume(resume)
         else:
-            if cfg.train.init_from:  # an incomplete checkpoint is a FileNotFoundError naming it
+            if cfg.train.init_from and self.zero is None:  # an incomplete checkpoint is a FileNotFoundError naming it
                 self.ckpt.load(cfg.train.init_from, model_only=True)
             # After loading: init_from may point into this very directory.
             retired = self.ckpt.retire()
@@ -368,12 +387,15 @@ class _Run:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _sync_context(self, last: bool):
-        """Gradient synchronisation only on the last micro-batch (DDP no_sync, FSDP2 requires_gradient_sync)."""
+        """Gradient synchronisation only on the last micro-batch (DDP no_sync, FSDP2 requires_gradient_sync,
+        DeepSpeed's accumulation boundary)."""
         mode = self.cfg.parallel.data_parallel
         if mode == "ddp" and not last and hasattr(self.model, "no_sync"):
             return self.model.no_sync()
         if mode == "fsdp" and hasattr(self.model, "set_requires_gradient_sync"):
             self.model.set_requires_gradient_sync(last)
+        if self.zero is not None:
+            self.zero.accumulation_boundary(last)
         return contextlib.nullcontext()
 
     def _train_step(self) -> dict[str, Any]:
@@ -390,26 +412,31 @@ class _Run:
                 # Both losses are this rank's share of the step's: tokens over all targets, the per-sequence
                 # balance loss over all sequences of the global batch.
                 out = self.model(ids, labels, seq, loss_normalizer=normalizer, aux_normalizer=sequences)
-                out.loss.backward()
+                if self.zero is not None:
+                    self.zero.backward(out.loss)
+                else:
+                    out.loss.backward()
             lm += out.lm_loss.detach().float()
             aux += out.aux_loss.detach().float()
         if self.cfg.parallel.data_parallel == "reduce":
             reduce_gradients(self.module, dp_sp, self.comms[MeshAxis.EDP], tp)
-        else:
+        elif self.zero is None:
             sum_tp_partial_gradients(self.module, tp)  # DDP/FSDP2 reduce the rest over dp x sp
         totals = dp_sp.all_reduce(torch.stack([lm, aux]))  # the shares add up to the global values
         loss = float(totals[0] + totals[1])
-        grad_norm = self._clip()
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise TrainingDiverged(
-                f"non-finite training at step {self.step + 1}: loss={loss}, grad_norm={grad_norm}; stopped before "
-                f"the optimizer step. Last good checkpoint: {self.result.last_checkpoint or 'none saved yet'}"
-            )
         lr = self.cfg.optim.lr_at(self.step, self.cfg.train.steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.zero is not None:
+            self._check_finite(loss)
+            # DeepSpeed clips and steps; with a non-finite gradient norm it leaves the weights as they are.
+            grad_norm = self.zero.step(lr)
+            self._check_finite(loss, grad_norm)
+        else:
+            grad_norm = self._clip()
+            self._check_finite(loss, grad_norm)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         return {
             "loss": loss,
             "lm_loss": float(totals[0]),
@@ -418,6 +445,14 @@ class _Run:
             "lr": lr,
             "targets": targets,
         }
+
+    def _check_finite(self, loss: float, grad_norm: float | None = None) -> None:
+        """TrainingDiverged unless the loss and (when known) the gradient norm are finite."""
+        if not (math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))):
+            raise TrainingDiverged(
+                f"non-finite training at step {self.step + 1}: loss={loss}, grad_norm={grad_norm}; stopped before "
+                f"the optimizer step. Last good checkpoint: {self.result.last_checkpoint or 'none saved yet'}"
+            )
 
     def _global_targets(self, micro: list) -> int:
         """Labelled tokens of this step's micro-batches over every rank holding different tokens (dp x sp)."""
@@ -513,6 +548,11 @@ class _Run:
         if self.rank == 0:  # only a completed run gets here
             self._finish()
         return self.result
+
+    def close(self) -> None:
+        """Release what outlives the loop: the DeepSpeed engine's hooks and buffers."""
+        if self.zero is not None:
+            self.zero.close()
 
     def _finish(self) -> None:
         """Rank 0, after the last step: the picture of the run, then the one line naming its result."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,42 @@ def test_checks_before_any_process_group():
         from_dict(RunConfig, {"data": {"source": "tokens"}})
     with pytest.raises(ValueError, match=r"expert parallelism \(ep=2\) needs parallel.data_parallel 'reduce'"):
         validate(from_dict(RunConfig, {"parallel": {"sp": 2, "ep": 2, "data_parallel": "ddp"}}), 2)
+
+
+def test_deepspeed_section(tmp_path):
+    cfg = from_dict(
+        RunConfig, {"parallel": {"data_parallel": "deepspeed"}, "deepspeed": {"zero_stage": 3, "offload_param": "cpu"}}
+    )
+    assert cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.offload_param == "cpu"
+    f = tmp_path / "c.yaml"
+    f.write_text("deepspeed:\n  zero_stag: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown config key deepspeed\.zero_stag") as err:
+        load_yaml(RunConfig, f)
+    assert "zero_stage" in str(err.value)  # the known keys are listed
+    for section, match in [
+        ({"zero_stage": 1, "offload_param": "cpu"}, r"deepspeed.*offload_param='cpu' needs zero_stage 3.*zero_stage=1"),
+        ({"zero_stage": 4}, r"deepspeed.*zero_stage must be 0, 1, 2 or 3, got 4"),
+        ({"zero_stage": 0, "offload_optimizer": "cpu"}, r"offload_optimizer='cpu' needs zero_stage 1, 2 or 3, got 0"),
+        ({"offload_optimizer": "nvme"}, r"deepspeed\.offload_optimizer: 'nvme' is not one of \['none', 'cpu'\]"),
+        ({"reduce_bucket_size": 0}, r"reduce_bucket_size must be >= 1 .* got 0"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            from_dict(RunConfig, {"deepspeed": section})
+
+
+def test_deepspeed_checks_before_any_process_group(monkeypatch):
+    def deepspeed_run(**parallel):
+        return from_dict(RunConfig, {"parallel": {"sp": 2, "data_parallel": "deepspeed", **parallel}})
+
+    with pytest.raises(ValueError, match=r"expert parallelism \(ep=2\) needs parallel.data_parallel 'reduce'"):
+        validate(deepspeed_run(ep=2), 2)
+    with pytest.raises(ValueError, match=r"parallel.data_parallel 'deepspeed' needs tp=1, got tp=2"):
+        validate(deepspeed_run(tp=2), 4)
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"needs DeepSpeed, which is not installed: pip install distseq\[deepspeed\]"):
+        validate(deepspeed_run(), 2)
+    with pytest.warns(UserWarning, match=r"the deepspeed section has no effect with parallel.data_parallel 'reduce'"):
+        validate(from_dict(RunConfig, {"deepspeed": {"zero_stage": 3}}), 1)
 
 
 def test_warmup_cosine_schedule():

@@ -391,6 +391,38 @@ def test_plan_fsdp_shards_state_and_gathers_parameters():
     assert items["reduce_scatter of the gradients over dp_sp (last micro-batch)"] == shard
 
 
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_plan_deepspeed_zero_stages_shard_over_dp_sp(stage):
+    dims = ParallelDims(dp=2, sp=2, world_size=4)
+    report = _big_plan(dims=dims, data_parallel="deepspeed", zero_stage=stage, param_bytes=4, grad_accum=3)
+    weights, memory = report["params"]["per_rank"], report["memory"]
+    # Stage 1 shards the optimizer state over dp x sp = 4, stage 2 also the gradients, stage 3 also the parameters.
+    whole = {"optimizer": 8 * weights, "grads": 4 * weights, "params": 4 * weights}
+    for shards_from, key in enumerate(whole, start=1):
+        want = math.ceil(whole[key] / 4) if stage >= shards_from else whole[key]
+        assert memory[key] == want, (stage, key)
+    assert memory["master_weights"] == memory["fsdp_unsharded"] == 0
+    if stage == 3:  # sharded as FSDP2 shards, without its whole unit during the step
+        fsdp = _big_plan(dims=dims, data_parallel="fsdp", param_bytes=4, grad_accum=3)["memory"]
+        assert all(memory[key] == fsdp[key] for key in whole)
+    shard, items = 3 * math.ceil(weights / 4) * 4, report["communication"]["gradients"]["items"]
+    per_step = {0: 2 * shard, 1: 2 * shard, 2: 3 * shard + shard, 3: 2 * 3 * shard + 3 * shard}[stage]
+    assert sum(items.values()) == report["communication"]["gradients"]["per_step"] == per_step, items
+    assert f"deepspeed ZeRO-{stage}" in format_plan(report)
+
+
+def test_plan_deepspeed_errors():
+    common = dict(seq_len=64, micro_batch=1, grad_accum=1, softmax_strategy="ring", linear_strategy="lasp2")
+    cfg, dims = ModelConfig(layer_pattern="LA"), ParallelDims(dp=2, sp=2, world_size=4)
+    with pytest.raises(ValueError, match=r"data_parallel='deepspeed' needs zero_stage 0, 1, 2 or 3, got None"):
+        plan_report(cfg, dims, layout="zigzag", data_parallel="deepspeed", **common)
+    with pytest.raises(ValueError, match=r"data_parallel='deepspeed' needs tp=1, got tp=2"):
+        tp2 = ParallelDims(sp=2, tp=2, world_size=4)
+        plan_report(cfg, tp2, layout="zigzag", data_parallel="deepspeed", zero_stage=1, **common)
+    with pytest.warns(UserWarning, match=r"zero_stage=2 has no effect with data_parallel='reduce'"):
+        plan_report(cfg, dims, layout="zigzag", zero_stage=2, **common)
+
+
 def test_plan_activation_checkpointing():
     dims = ParallelDims(sp=4, tp=2, world_size=8)
     plain = _big_plan(dims=dims, grad_accum=1)
