@@ -7,6 +7,7 @@ Every sequence-parallel strategy talks through one :class:`Communicator` and rea
 from distseq.parallel.comm import CommStats, CommunicationError, Communicator
 from distseq.parallel.layout import SequenceLayout
 from distseq.parallel.mesh import MeshAxis, ParallelDims
+from distseq.parallel.sequence.conv import causal_conv1d
 from distseq.parallel.sequence.registry import make_strategy
 
 __version__ = "0.1.0"
@@ -19,5 +20,6 @@ __all__ = [
     "ParallelDims",
     "SequenceLayout",
     "__version__",
+    "causal_conv1d",
     "make_strategy",
 ]

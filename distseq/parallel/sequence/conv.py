@@ -24,7 +24,24 @@ import torch
 from distseq.parallel.comm import Communicator
 from distseq.parallel.layout import SequenceLayout
 
-__all__ = ["causal_conv"]
+__all__ = ["causal_conv", "causal_conv1d"]
+
+
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    comm: Communicator,
+    layout: SequenceLayout,
+    cu_seqlens: torch.Tensor | list[int] | None = None,
+) -> torch.Tensor:
+    """A depthwise causal conv1d over the sharded sequence, equal to the full-sequence
+    ``F.conv1d(F.pad(x, (W - 1, 0)), weight[:, None], bias, groups=C)`` per document: ``x`` ``[B, n, C]`` this
+    rank's tokens in ``layout``'s order, ``weight`` ``[C, W]``, ``cu_seqlens`` global document offsets (no token
+    sees an earlier document). The halo (``W - 1`` tokens before each chunk) comes from the rank that holds it;
+    the backward sends its gradient back. See :func:`causal_conv`."""
+    return causal_conv(x, weight, layout.with_documents(cu_seqlens), comm, bias=bias)
 
 
 def causal_conv(
