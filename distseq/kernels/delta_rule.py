@@ -29,10 +29,25 @@ from distseq.kernels.linear_attention.chunk import _chunk_gates, _chunking, _to_
 
 __all__ = [
     "check_delta_rule_inputs",
+    "delta_rule_backend",
     "chunk_gated_delta_rule",
     "delta_rule_blocks",
+    "fla_delta_rule_blocks",
     "naive_recurrent_gated_delta_rule",
 ]
+
+
+def delta_rule_backend(name: str, device: torch.device) -> str:
+    """The local step of the delta rule for a strategy's kernel ``backend``: ``fla`` when asked for (an error
+    naming the package if it is not installed) or, with ``auto``, on CUDA when installed; else ``torch`` (distseq
+    has no Triton delta-rule kernel: ``triton`` names the linear-attention kernel only)."""
+    from distseq.kernels.linear_attention.backends import _installed
+
+    if name == "fla":
+        if not _installed("fla"):
+            raise ValueError("backend 'fla' needs flash-linear-attention: pip install flash-linear-attention")
+        return "fla"
+    return "fla" if name == "auto" and device.type == "cuda" and _installed("fla") else "torch"
 
 
 def check_delta_rule_inputs(q, k, v, beta, gate, initial_state, cu_seqlens, *, values: bool = True):
@@ -172,3 +187,64 @@ def chunk_gated_delta_rule(
             out = out + torch.einsum("bthk,bhkv->bthv", q_eff, state)
             final = m @ state + n
     return out.to(q.dtype), (final if output_final_state else None)
+
+
+def fla_delta_rule_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor,
+    row_resets: list[tuple[int, ...]],
+):
+    """:func:`delta_rule_blocks` through flash-linear-attention's ``chunk_gated_delta_rule`` (GPU kernels).
+
+    Rows ``[R, L, H, *]`` (g finite); ``row_resets[r]``: the offsets in row ``r`` where the state resets, as host
+    integers (document starts; offset 0 means the row ignores the state entering it). fla resets only between
+    the sequences of a varlen batch, so the rows are laid end to end and cut at every reset. Three fla calls:
+    with zero values from the identity (the map ``M``), with the values from zero (``N``), and, once the entering
+    states are known, with the values from them (the outputs). Returns ``(M [R, H, K, K], N [R, H, K, V],
+    outputs)``, ``outputs(incoming [R, H, K, V]) -> [R, L, H, V]``; gradients through fla's autograd.
+    """
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # type: ignore[import-not-found]
+
+    rows, length, heads, key_dim = q.shape
+    value_dim = v.shape[3]
+    offsets, first, last, carried = [0], [], [], []
+    for r, resets in enumerate(row_resets):
+        cuts = sorted({c for c in resets if 0 < c < length} | {length})
+        first.append(len(offsets) - 1)
+        offsets += [r * length + c for c in cuts]
+        last.append(len(offsets) - 2)
+        carried.append(0 not in resets)
+    pieces = len(offsets) - 1
+    cu_seqlens = torch.tensor(offsets, dtype=torch.int64, device=q.device)
+    index = lambda xs: torch.tensor(xs, dtype=torch.int64, device=q.device)  # noqa: E731
+    starts = index([p for p, keep in zip(first, carried, strict=True) if keep])
+    kept_rows = index([r for r, keep in enumerate(carried) if keep])
+    last_pieces = index(last)
+    flat = lambda x: x.reshape(1, rows * length, *x.shape[2:])  # noqa: E731
+
+    def run(values: torch.Tensor, initial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return chunk_gated_delta_rule(
+            flat(q),
+            flat(k),
+            flat(values),
+            flat(g),
+            flat(beta),
+            scale=1.0,
+            initial_state=initial,
+            output_final_state=True,
+            cu_seqlens=cu_seqlens,
+        )
+
+    identity = torch.eye(key_dim, dtype=q.dtype, device=q.device).expand(len(starts), heads, key_dim, key_dim)
+    from_identity = q.new_zeros(pieces, heads, key_dim, key_dim).index_copy(0, starts, identity)
+    maps = run(torch.zeros_like(k), from_identity)[1][last_pieces]
+    adds = run(v, q.new_zeros(pieces, heads, key_dim, value_dim))[1][last_pieces]
+
+    def outputs(incoming: torch.Tensor) -> torch.Tensor:
+        initial = q.new_zeros(pieces, heads, key_dim, value_dim).index_copy(0, starts, incoming[kept_rows])
+        return run(v, initial)[0].reshape(rows, length, heads, value_dim)
+
+    return maps, adds, outputs

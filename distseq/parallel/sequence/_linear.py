@@ -227,6 +227,7 @@ class LinearStateStrategy(SequenceStrategy, abc.ABC):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.chunk_size = chunk_size
+        self.backend = backend  # its name: the delta rule picks its own local step from it
         self.kernel = linear_attention_backend(backend)  # the local intra-chunk kernel
 
     @abc.abstractmethod

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from distseq.kernels.delta_rule import delta_rule_blocks
+from distseq.kernels.delta_rule import delta_rule_blocks, fla_delta_rule_blocks
 from distseq.kernels.linear_attention._gates import split_log_gate
 from distseq.parallel.comm import Communicator
 from distseq.parallel.layout import SequenceLayout
@@ -72,9 +72,11 @@ def delta_rule_exchange(
     log_gate: torch.Tensor | None,
     *,
     chunk_size: int,
+    backend: str = "torch",
 ) -> torch.Tensor:
-    """``o`` ``[B, n, H, V]`` of this rank's tokens (inputs in the accumulation dtype, validated; ``log_gate``
-    ``[B, n, H]`` with ``-inf`` at resets, or None)."""
+    """``o`` ``[B, n, H, V]`` of this rank's tokens (inputs in the accumulation dtype, validated; ``layout`` with
+    the call's documents; ``log_gate`` ``[B, n, H]`` with ``-inf`` at resets, or None). ``backend``: the local
+    step, ``torch`` (:func:`delta_rule_blocks`) or ``fla`` (:func:`fla_delta_rule_blocks`)."""
     batch, tokens, heads, key_dim = q.shape
     num_chunks = len(layout.chunks())
     fold = lambda x: x.reshape(batch * num_chunks, tokens // num_chunks, *x.shape[2:])  # noqa: E731
@@ -82,11 +84,36 @@ def delta_rule_exchange(
         g, reset = q.new_zeros(q.shape[:3]), torch.zeros(q.shape[:3], dtype=torch.bool, device=q.device)
     else:
         g, reset = split_log_gate(log_gate)
-    out0, q_eff, maps, adds = delta_rule_blocks(*(fold(x) for x in (q, k, v, beta, g, reset)), chunk_size=chunk_size)
+    if backend == "fla":
+        _check_resets_are_documents(layout, reset)
+        maps, adds, outputs = fla_delta_rule_blocks(*(fold(x) for x in (q, k, v, beta, g)), _row_resets(layout, batch))
+    else:
+        out0, q_eff, maps, adds = delta_rule_blocks(
+            *(fold(x) for x in (q, k, v, beta, g, reset)), chunk_size=chunk_size
+        )
+        outputs = lambda incoming: out0 + torch.einsum("bthk,bhkv->bthv", q_eff, incoming)  # noqa: E731
 
     by_chunk = lambda x: x.unflatten(0, (batch, num_chunks)).movedim(1, 0)  # noqa: E731  [nc, B, H, ...]
     summaries = torch.cat([by_chunk(maps), by_chunk(adds)], dim=-1)  # [nc, B, H, K, K + V]
     local_in = _IncomingStates.apply(summaries, comm, layout, key_dim)  # [nc, B, H, K, V]
-    local_in = local_in.movedim(0, 1).flatten(0, 1)  # [B nc, H, K, V]
-    out = out0 + torch.einsum("bthk,bhkv->bthv", q_eff, local_in)
+    out = outputs(local_in.movedim(0, 1).flatten(0, 1))  # rows b * nc + c
     return out.reshape(batch, tokens, heads, v.shape[3])
+
+
+def _row_resets(layout: SequenceLayout, batch: int) -> list[tuple[int, ...]]:
+    """Per folded row (``b * nc + c``): the offsets of the document starts inside local chunk ``c``."""
+    starts = layout.doc_offsets[:-1] if layout.doc_offsets else ()
+    per_chunk = [tuple(s - c.start for s in starts if c.start <= s < c.end) for c in layout.local_chunks()]
+    return per_chunk * batch
+
+
+def _check_resets_are_documents(layout: SequenceLayout, reset: torch.Tensor) -> None:
+    """The fla step resets the state at document starts only; a ``-inf`` gate elsewhere is refused (one read
+    back from the device, on this opt-in GPU path)."""
+    starts = layout.document_starts(reset.device)
+    expected = torch.zeros_like(reset) if starts is None else starts[None, :, None].expand_as(reset)
+    if not torch.equal(reset, expected):
+        raise ValueError(
+            "the fla delta-rule step resets the state only at document starts (cu_seqlens); a -inf gate elsewhere "
+            "needs backend='torch'"
+        )

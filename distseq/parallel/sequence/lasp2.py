@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from distseq.kernels.attention import accumulation_dtype
-from distseq.kernels.delta_rule import check_delta_rule_inputs
+from distseq.kernels.delta_rule import check_delta_rule_inputs, delta_rule_backend
 from distseq.parallel.comm import Communicator
 from distseq.parallel.layout import SequenceLayout
 from distseq.parallel.sequence._linear import (
@@ -171,5 +171,6 @@ class LASP2(LinearStateStrategy):
         with torch.autocast(q.device.type, enabled=False):
             log_gate = prepare(self.layout, q, k, v, None, gate, cu_seqlens)
             cast = (x.to(dtype) for x in (q, k, v, beta))
-            out = delta_rule_exchange(self.comm, self.layout, *cast, log_gate, chunk_size=self.chunk_size)
+            layout, backend = self.layout.with_documents(cu_seqlens), delta_rule_backend(self.backend, q.device)
+            out = delta_rule_exchange(self.comm, layout, *cast, log_gate, chunk_size=self.chunk_size, backend=backend)
         return out.to(q.dtype)
