@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 SoftmaxStrategy = Literal["ring", "ulysses", "allgather_kv", "token_ring", "usp"]
-LinearStrategy = Literal["lasp2", "lasp1", "ulysses"]
+LinearStrategy = Literal["lasp2", "lasp1", "allscan", "ulysses"]
 
 
 @dataclass(kw_only=True)

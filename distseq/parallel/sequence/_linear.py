@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from distseq.kernels.delta_rule import check_delta_rule_inputs, delta_rule_backend
 from distseq.kernels.linear_attention._gates import (
     accumulation_dtype,
     check_inputs,
@@ -233,6 +234,28 @@ class LinearStateStrategy(SequenceStrategy, abc.ABC):
     @abc.abstractmethod
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: torch.Tensor | None) -> torch.Tensor:
         """Each subclass is one exchange schedule."""
+
+    def _delta_rule(self, q, k, v, beta, gate, cu_seqlens, *, exchange: str, block: int | None = None) -> torch.Tensor:
+        """The delta rule with the chunk summaries moved by ``exchange`` (``allgather`` or ``scan``)."""
+        from distseq.parallel.sequence.delta import delta_rule_exchange
+
+        check_delta_rule_inputs(q, k, v, beta, gate, None, None, values=False)
+        dtype = accumulation_dtype(q.dtype)
+        with torch.autocast(q.device.type, enabled=False):
+            log_gate = prepare(self.layout, q, k, v, None, gate, cu_seqlens)
+            cast = (x.to(dtype) for x in (q, k, v, beta))
+            layout, backend = self.layout.with_documents(cu_seqlens), delta_rule_backend(self.backend, q.device)
+            out = delta_rule_exchange(
+                self.comm,
+                layout,
+                *cast,
+                log_gate,
+                chunk_size=self.chunk_size,
+                backend=backend,
+                exchange=exchange,
+                block=block,
+            )
+        return out.to(q.dtype)
 
     def _local(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: torch.Tensor | None) -> LocalChunks:
         return LocalChunks(q, k, v, log_gate, len(self.layout.chunks()), self.chunk_size, self.kernel)

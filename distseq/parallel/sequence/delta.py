@@ -22,6 +22,7 @@ from distseq.kernels.linear_attention._gates import split_log_gate
 from distseq.parallel.comm import Communicator
 from distseq.parallel.layout import SequenceLayout
 from distseq.parallel.sequence._linear import global_order
+from distseq.parallel.sequence.allscan import ScanRule, post_receives, scan_states
 
 __all__ = ["delta_rule_exchange"]
 
@@ -73,10 +74,13 @@ def delta_rule_exchange(
     *,
     chunk_size: int,
     backend: str = "torch",
+    exchange: str = "allgather",
+    block: int | None = None,
 ) -> torch.Tensor:
     """``o`` ``[B, n, H, V]`` of this rank's tokens (inputs in the accumulation dtype, validated; ``layout`` with
     the call's documents; ``log_gate`` ``[B, n, H]`` with ``-inf`` at resets, or None). ``backend``: the local
-    step, ``torch`` (:func:`delta_rule_blocks`) or ``fla`` (:func:`fla_delta_rule_blocks`)."""
+    step, ``torch`` (:func:`delta_rule_blocks`) or ``fla`` (:func:`fla_delta_rule_blocks`). ``exchange``: how the
+    summaries travel, ``allgather`` (LASP-2) or ``scan`` (All-Scan's pipelined chain, ``block`` columns per piece)."""
     batch, tokens, heads, key_dim = q.shape
     num_chunks = len(layout.chunks())
     fold = lambda x: x.reshape(batch * num_chunks, tokens // num_chunks, *x.shape[2:])  # noqa: E731
@@ -94,8 +98,13 @@ def delta_rule_exchange(
         outputs = lambda incoming: out0 + torch.einsum("bthk,bhkv->bthv", q_eff, incoming)  # noqa: E731
 
     by_chunk = lambda x: x.unflatten(0, (batch, num_chunks)).movedim(1, 0)  # noqa: E731  [nc, B, H, ...]
-    summaries = torch.cat([by_chunk(maps), by_chunk(adds)], dim=-1)  # [nc, B, H, K, K + V]
-    local_in = _IncomingStates.apply(summaries, comm, layout, key_dim)  # [nc, B, H, K, V]
+    if exchange == "scan":
+        maps, adds = by_chunk(maps), by_chunk(adds)
+        pending = post_receives(comm, layout, ScanRule("affine", maps, adds, block), backward=False)
+        local_in = scan_states(comm, layout, "affine", maps, adds, block, pending)
+    else:
+        summaries = torch.cat([by_chunk(maps), by_chunk(adds)], dim=-1)  # [nc, B, H, K, K + V]
+        local_in = _IncomingStates.apply(summaries, comm, layout, key_dim)  # [nc, B, H, K, V]
     out = outputs(local_in.movedim(0, 1).flatten(0, 1))  # rows b * nc + c
     return out.reshape(batch, tokens, heads, v.shape[3])
 

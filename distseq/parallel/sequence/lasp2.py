@@ -27,19 +27,15 @@ from dataclasses import dataclass
 
 import torch
 
-from distseq.kernels.attention import accumulation_dtype
-from distseq.kernels.delta_rule import check_delta_rule_inputs, delta_rule_backend
 from distseq.parallel.comm import Communicator
 from distseq.parallel.layout import SequenceLayout
 from distseq.parallel.sequence._linear import (
     LinearStateStrategy,
     LocalChunks,
     global_order,
-    prepare,
     scan_states,
     scan_states_backward,
 )
-from distseq.parallel.sequence.delta import delta_rule_exchange
 
 __all__ = ["LASP2"]
 
@@ -166,11 +162,4 @@ class LASP2(LinearStateStrategy):
         (``distseq.parallel.sequence.delta``). Returns ``[B, n, H, V]`` in q's dtype, computed in fp32 (fp64 for
         fp64) under any autocast; input errors raise ValueError before any collective.
         """
-        check_delta_rule_inputs(q, k, v, beta, gate, None, None, values=False)
-        dtype = accumulation_dtype(q.dtype)
-        with torch.autocast(q.device.type, enabled=False):
-            log_gate = prepare(self.layout, q, k, v, None, gate, cu_seqlens)
-            cast = (x.to(dtype) for x in (q, k, v, beta))
-            layout, backend = self.layout.with_documents(cu_seqlens), delta_rule_backend(self.backend, q.device)
-            out = delta_rule_exchange(self.comm, layout, *cast, log_gate, chunk_size=self.chunk_size, backend=backend)
-        return out.to(q.dtype)
+        return self._delta_rule(q, k, v, beta, gate, cu_seqlens, exchange="allgather")
