@@ -18,6 +18,8 @@ import json
 import os
 import platform
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -142,6 +144,45 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """Accuracy of a trained run's checkpoint at several sequence lengths, a JSON record and a picture."""
+    from distseq.config import ConfigError, RunConfig, load_yaml
+    from distseq.train.checkpoint import CheckpointDirectory
+    from distseq.train.trainer import evaluate_lengths
+
+    run_dir = Path(args.run)
+    try:
+        cfg = load_yaml(RunConfig, run_dir / "config.yaml", args.overrides)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"distseq eval: {err} (the run directory holds the config.yaml its run wrote)", file=sys.stderr)
+        return 2
+    cfg = replace(cfg, output_dir=str(run_dir.parent), name=run_dir.name)  # wherever the run directory is now
+    checkpoint = Path(args.checkpoint) if args.checkpoint else CheckpointDirectory(cfg.checkpoint_dir).latest()
+    if checkpoint is None:
+        print(f"distseq eval: no complete checkpoint in {cfg.checkpoint_dir}", file=sys.stderr)
+        return 2
+    rows = evaluate_lengths(cfg, checkpoint, args.lengths, samples=args.samples)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    record = {"run": str(run_dir), "checkpoint": str(checkpoint), "trained_seq_len": cfg.data.seq_len, "rows": rows}
+    output = Path(cfg.run_dir) / "eval" / "by_length.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"{'seq_len':>9}{'accuracy':>10}{'loss':>9}")
+    for row in rows:
+        print(f"{row['seq_len']:>9}{row['eval_accuracy']:>10.3f}{row['eval_loss']:>9.4f}")
+    try:
+        from distseq.train.plot import plot_eval_lengths
+
+        picture = plot_eval_lengths(
+            rows, cfg.data.seq_len, output.with_suffix(".png"), f"{cfg.name}: {checkpoint.name}"
+        )
+        print(f"wrote {output} and {picture}")
+    except ImportError:
+        print(f"wrote {output} (no picture: matplotlib is not installed)")
+    return 0
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from distseq.train.plot import MatplotlibMissing, default_output, plot_runs
 
@@ -228,6 +269,21 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--world-size", type=int, default=None, help="ranks to plan for with --dry-run")
     train.set_defaults(fn=_cmd_train)
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="accuracy of a trained run at several sequence lengths (under torchrun for several ranks)",
+        description="Evaluate a run's newest checkpoint (or --checkpoint) on its own held-out task at each of "
+        "--lengths, in the run's layout: how far beyond its training length a model (its recurrent state) still "
+        "recalls. Writes RUN_DIR/eval/by_length.json and by_length.png (rank 0).",
+    )
+    # positional: under torchrun an option called --run would be taken for torchrun's --run-path
+    evaluate.add_argument("run", metavar="RUN_DIR", help="the run directory (holds config.yaml and checkpoints/)")
+    evaluate.add_argument("--lengths", type=int, nargs="+", required=True, help="sequence lengths, e.g. 64 1024 8192")
+    evaluate.add_argument("--samples", type=int, default=None, help="held-out samples per length (default: the run's)")
+    evaluate.add_argument("--checkpoint", default=None, help="a checkpoint directory (default: the run's newest)")
+    evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the run's config")
+    evaluate.set_defaults(fn=_cmd_eval)
 
     plot = sub.add_parser(
         "plot",

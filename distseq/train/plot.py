@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 from distseq.train.metrics import EVENT_KEY, METRICS_FILE, split_metrics
 
-__all__ = ["MatplotlibMissing", "default_output", "plot_finished_run", "plot_runs"]
+__all__ = ["MatplotlibMissing", "default_output", "plot_eval_lengths", "plot_finished_run", "plot_runs"]
 
 PICTURE_FILE = "metrics.png"
 #: ``distseq plot`` with several runs and no ``--output`` writes this, in the current directory.
@@ -130,3 +130,27 @@ def plot_finished_run(run_dir: str | os.PathLike, *, stream: TextIO | None = Non
     except Exception as err:  # anything else drawing can raise (a font cache, a full disk): reported, not fatal
         print(f"could not draw {output}: {type(err).__name__}: {err}", file=stream, flush=True)
     return None
+
+
+def plot_eval_lengths(rows: Sequence[dict[str, Any]], trained_len: int, output: str | os.PathLike, title: str) -> Path:
+    """Held-out accuracy (and chance) against sequence length, log scale, the training length marked: where a
+    recurrent state stops holding what the task asks of it (``distseq eval``)."""
+    output = Path(output)
+    figure_cls, canvas_cls = _matplotlib(output)
+    figure = figure_cls(figsize=(6, 4.2), layout="constrained")
+    canvas = canvas_cls(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    lengths = [r["seq_len"] for r in rows]
+    axes.plot(lengths, [r["eval_accuracy"] for r in rows], marker="o", label="held-out accuracy")
+    if rows and "eval_chance" in rows[0]:
+        axes.axhline(rows[0]["eval_chance"], color="grey", linestyle=":", label="chance")
+    axes.axvline(trained_len, color="tab:red", linestyle="--", label=f"trained at {trained_len}")
+    axes.set_xscale("log", base=2)
+    axes.set_ylim(0, 1.05)
+    axes.set_xlabel("sequence length (tokens)")
+    axes.set_ylabel("accuracy")
+    axes.set_title(title)
+    axes.legend()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    canvas.print_png(str(output))
+    return output

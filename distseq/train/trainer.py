@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -177,6 +178,52 @@ def run_training(cfg: RunConfig, *, resume: bool | str = False) -> TrainResult:
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     plan = validate(cfg, world)
     device, backend = _device_and_backend(cfg)
+    with _process_group(cfg, backend, world):
+        run = _Run(cfg, plan, device, resume, started=started)
+        try:
+            return run.loop()
+        finally:
+            run.close()
+
+
+def evaluate_lengths(
+    cfg: RunConfig, checkpoint: str | Path, lengths: list[int], *, samples: int | None = None
+) -> list[dict[str, Any]]:
+    """Held-out loss and accuracy of ``checkpoint``'s weights on ``cfg``'s task at each sequence length (the run's
+    layout; any world size), one row per length: ``{"seq_len", "eval_loss", "eval_accuracy"[, "eval_chance"]}``.
+    ``samples`` held-out samples per length (default ``data.eval_samples``). Each length runs in
+    ``<run_dir>/eval/seq_<N>`` (its config and metrics file), never touching the run's own checkpoints."""
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    samples = samples or cfg.data.eval_samples
+    if not samples:
+        raise ValueError("evaluating needs held-out samples: pass samples or set data.eval_samples")
+    per_length = []
+    for seq_len in lengths:  # every check first: a bad length fails before any collective
+        sized = replace(
+            cfg,
+            name=f"{cfg.name}/eval/seq_{seq_len}",
+            data=replace(cfg.data, seq_len=seq_len, eval_samples=samples),
+            train=replace(cfg.train, init_from=str(checkpoint)),
+        )
+        per_length.append((sized, validate(sized, world)))
+    device, backend = _device_and_backend(cfg)
+    rows = []
+    with _process_group(cfg, backend, world):
+        for (sized, plan), seq_len in zip(per_length, lengths, strict=True):
+            run = _Run(sized, plan, device, False, started=time.perf_counter())
+            try:
+                result = run.evaluate()
+                run.logger.event("eval", step=0, checkpoint=str(checkpoint), **result)
+            finally:
+                run.logger.close()
+                run.close()
+            rows.append({"seq_len": seq_len, **result})
+    return rows
+
+
+@contextlib.contextmanager
+def _process_group(cfg: RunConfig, backend: str, world: int) -> Iterator[None]:
+    """The default process group for the duration (one made here is destroyed after; an existing one is kept)."""
     owns_group = not dist.is_initialized()
     if owns_group:
         timeout = timedelta(seconds=cfg.parallel.collective_timeout_s)
@@ -188,11 +235,7 @@ def run_training(cfg: RunConfig, *, resume: bool | str = False) -> TrainResult:
         else:
             dist.init_process_group(backend, timeout=timeout)
     try:
-        run = _Run(cfg, plan, device, resume, started=started)
-        try:
-            return run.loop()
-        finally:
-            run.close()
+        yield
     finally:
         if owns_group:
             dist.destroy_process_group()

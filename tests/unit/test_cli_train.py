@@ -64,6 +64,31 @@ def test_train_under_torchrun_writes_metrics_config_and_a_checkpoint(tmp_path):
     run = tmp_path / "tiny-hybrid-cpu"
     assert (run / "config.yaml").exists() and len((run / "metrics.jsonl").read_text().splitlines()) == 3
 
+    # the same run's checkpoint at longer sequences, in the run's layout (sp = 2 over the 2 ranks)
+    evaluate = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "distseq", "eval", str(run)]
+    out = subprocess.run(
+        [*evaluate, "--lengths", "64", "256", "--samples", "4"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    record = json.loads((run / "eval" / "by_length.json").read_text())
+    assert record["trained_seq_len"] == 64 and record["checkpoint"].endswith("step_00000003")
+    assert [r["seq_len"] for r in record["rows"]] == [64, 256]
+    assert all(0 <= r["eval_accuracy"] <= 1 and r["eval_chance"] == 1 / 16 for r in record["rows"])
+    # at the training length it is the run's own final evaluation, on the same held-out samples
+    assert record["rows"][0]["eval_accuracy"] == pytest.approx(summary["eval_accuracy"])
+    assert (run / "eval" / "by_length.png").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000003"]  # untouched
+
+
+def test_eval_names_what_is_missing(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "nope"), "--lengths", "64"]) == 2
+    assert "config.yaml" in capsys.readouterr().err
+
 
 def test_prepare_then_train_on_packed_documents(tmp_path, capsys):
     texts = tmp_path / "texts"
