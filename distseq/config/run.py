@@ -41,6 +41,10 @@ class ParallelConfig:
         attention_backend: the local kernel of the softmax layers: ``auto`` (flash-attn, else torch's fused
             flash ops, for the device and dtype; the reference kernel for fp64), ``sdpa``, ``flash_attn`` or
             ``reference``. A backend named here that cannot serve the run's device and dtype is an error.
+        linear_backend: the local kernel of the linear-attention layers (and Mamba2's scan): ``auto`` (distseq's
+            Triton kernels on CUDA when triton is installed, else the chunked PyTorch path), ``torch``, ``triton``
+            or ``fla`` (flash-linear-attention); the gated delta rule uses fla's kernels with ``fla``, and with
+            ``auto`` on CUDA when fla is installed, else its PyTorch path.
         layout: the token layout of the whole model (``zigzag`` balances causal attention).
         ulysses_degree: the head-parallel degree of ``usp`` (must divide sp); default: largest that fits.
         data_parallel: how gradients of replicated weights are summed over dp x sp: ``reduce`` (one flat
@@ -59,6 +63,7 @@ class ParallelConfig:
     softmax_strategy: SoftmaxStrategy = "ring"
     linear_strategy: LinearStrategy = "lasp2"
     attention_backend: Literal["auto", "sdpa", "flash_attn", "reference"] = "auto"
+    linear_backend: Literal["auto", "torch", "triton", "fla"] = "auto"
     layout: Literal["contiguous", "zigzag"] = "zigzag"
     ulysses_degree: int | None = None
     data_parallel: Literal["reduce", "ddp", "fsdp", "deepspeed"] = "reduce"

@@ -42,6 +42,8 @@ from torch import nn
 from distseq.config.loader import dump_yaml, to_dict
 from distseq.config.run import RunConfig
 from distseq.data.loader import ShardedLoader
+from distseq.kernels.delta_rule import delta_rule_backend
+from distseq.kernels.linear_attention.backends import linear_attention_backend
 from distseq.models.hybrid import IGNORE_INDEX, HybridLM
 from distseq.models.parallelize import check_parallel_dims, parallelize_hybrid
 from distseq.parallel.comm import Communicator
@@ -313,6 +315,7 @@ class _Run:
             softmax=cfg.parallel.softmax_strategy,
             linear=cfg.parallel.linear_strategy,
             softmax_options=options,
+            linear_options={"backend": cfg.parallel.linear_backend},
         )
         loader_args = {"layout": layout, "dp": self.dims.dp, "dp_rank": coords[MeshAxis.DP]}
         self.loader = ShardedLoader(
@@ -353,11 +356,14 @@ class _Run:
         )
         # Fails here, before the first step, when a backend named in the config cannot serve this run.
         kernel = self.seq.softmax.resolve_attention_backend(device, self._compute_dtype(), cfg.model.head_dim)
+        linear_kernel = linear_attention_backend(cfg.parallel.linear_backend).__name__
         if self.rank == 0:
             print(
                 f"softmax layers: {self.seq.softmax.name} with the {kernel.name!r} local attention kernel "
                 f"(parallel.attention_backend={cfg.parallel.attention_backend}, {self._compute_dtype()} on "
-                f"{device.type}); linear layers: {self.seq.linear.name}",
+                f"{device.type}); linear layers: {self.seq.linear.name} with {linear_kernel} (delta rule: "
+                f"{delta_rule_backend(cfg.parallel.linear_backend, device)}; parallel.linear_backend="
+                f"{cfg.parallel.linear_backend})",
                 flush=True,
             )
         metrics_path = self.run_dir / METRICS_FILE
