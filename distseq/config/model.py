@@ -6,13 +6,16 @@ from dataclasses import dataclass
 
 __all__ = ["ModelConfig"]
 
-LAYER_KINDS = {"L": "linear attention", "A": "softmax attention"}
+#: ``layer_pattern`` letters: the token mixer of each layer
+LAYER_KINDS = {"L": "linear attention", "A": "softmax attention", "M": "Mamba2 (SSD)", "G": "gated DeltaNet"}
+#: ``mlp_pattern`` letters: the MLP of each layer (its ``M`` is not the layer pattern's Mamba2)
 MLP_KINDS = {"D": "dense SwiGLU", "M": "mixture of experts"}
 
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    """A hybrid linear/softmax-attention language model with dense or MoE MLPs.
+    """A hybrid language model of linear-attention, softmax-attention, Mamba2 and gated DeltaNet layers with dense
+    or MoE MLPs.
 
     Attributes:
         vocab_size: tokens in the vocabulary.
@@ -20,8 +23,10 @@ class ModelConfig:
         num_heads: query heads of every attention layer.
         num_kv_heads: key/value heads of the softmax layers (GQA); must divide num_heads.
         head_dim: per-head width; defaults to hidden_size // num_heads.
-        layer_pattern: one letter per layer, ``L`` linear attention or ``A`` softmax attention, e.g. ``"LLLA" * 4``.
-        mlp_pattern: one letter per layer, ``D`` dense or ``M`` MoE; default: every ``moe_interval``-th layer is
+        layer_pattern: one letter per layer for its token mixer: ``L`` linear attention, ``A`` softmax attention,
+            ``M`` Mamba2 (SSD), ``G`` gated DeltaNet; e.g. ``"LLLA" * 4`` or ``"MGMA"``.
+        mlp_pattern: one letter per layer for its MLP, ``D`` dense or ``M`` MoE (this ``M`` is not the layer
+            pattern's Mamba2: the two patterns are separate fields); default: every ``moe_interval``-th layer is
             MoE (none when ``moe_interval`` is 0).
         moe_interval: with no mlp_pattern, layers ``i`` with ``(i + 1) % moe_interval == 0`` are MoE.
         intermediate_size: width of the dense SwiGLU MLPs.
@@ -39,7 +44,14 @@ class ModelConfig:
         short_conv_size: width of a causal depthwise convolution (then SiLU) on the q, k and v projections of the
             linear layers, as flash-linear-attention's layers have (they use 4); 0 = none. It mixes each token
             with the few before it, across shard boundaries (a halo exchange).
+            The gated DeltaNet layers (``G``) use it on their q, k and v too.
         short_conv_softmax: the same convolution on the softmax layers' q, k and v too.
+        mamba_state_size: the Mamba2 layers' state size per head (``d_state``, the width of B and C). A Mamba2
+            layer has ``num_heads`` heads of ``head_dim`` channels (``d_inner = num_heads * head_dim``).
+        mamba_conv_size: width of the Mamba2 layers' causal depthwise convolution (with bias, then SiLU) on x, B
+            and C; >= 1.
+        mamba_groups: B / C groups of the Mamba2 layers (``n_groups``); must divide num_heads. Under tensor
+            parallelism 1 (B and C replicated over tp) or a multiple of tp (split with their heads).
         norm_eps: RMSNorm epsilon.
         tie_embeddings: share the embedding and LM-head weights.
         loss_chunk_size: tokens whose logits exist at once when computing the loss.
@@ -67,6 +79,9 @@ class ModelConfig:
     linear_output_gate: bool = True
     short_conv_size: int = 0
     short_conv_softmax: bool = False
+    mamba_state_size: int = 16
+    mamba_conv_size: int = 4
+    mamba_groups: int = 1
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
     loss_chunk_size: int = 4096
@@ -84,6 +99,9 @@ class ModelConfig:
                 "top_k",
                 "moe_intermediate_size",
                 "loss_chunk_size",
+                "mamba_state_size",
+                "mamba_conv_size",
+                "mamba_groups",
             )
         }
         bad = {k: v for k, v in positive.items() if not isinstance(v, int) or v < 1}
@@ -103,7 +121,11 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if not self.layer_pattern or set(self.layer_pattern) - set(LAYER_KINDS):
-            raise ValueError(f"layer_pattern must be letters from {sorted(LAYER_KINDS)}, got {self.layer_pattern!r}")
+            bad_letters = sorted(set(self.layer_pattern) - set(LAYER_KINDS))
+            raise ValueError(
+                f"layer_pattern must be letters from {sorted(LAYER_KINDS)}, got {self.layer_pattern!r} "
+                f"(bad letters: {bad_letters})"
+            )
         if self.mlp_pattern is not None and (
             len(self.mlp_pattern) != len(self.layer_pattern) or set(self.mlp_pattern) - set(MLP_KINDS)
         ):
@@ -117,6 +139,10 @@ class ModelConfig:
             raise ValueError(
                 f"short_conv_size must be >= 0 (and > 0 for short_conv_softmax): short_conv_size="
                 f"{self.short_conv_size}, short_conv_softmax={self.short_conv_softmax}"
+            )
+        if self.num_heads % self.mamba_groups:
+            raise ValueError(
+                f"num_heads must divide by mamba_groups: num_heads={self.num_heads}, mamba_groups={self.mamba_groups}"
             )
         if self.moe_interval < 0:
             raise ValueError(f"moe_interval must be >= 0, got {self.moe_interval}")

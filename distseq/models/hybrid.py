@@ -1,4 +1,4 @@
-"""The hybrid linear/softmax-attention MoE language model.
+"""The hybrid MoE language model: linear-attention, softmax-attention, Mamba2 and gated DeltaNet layers.
 
 The model file shows the architecture only; parallel plans (tensor, expert, data) are applied to a built
 model from ``distseq.parallel``. Sequence parallelism enters through the
@@ -24,12 +24,22 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from distseq.config.model import ModelConfig
+from distseq.models.deltanet import GatedDeltaNet, require_delta_rule
 from distseq.models.layers import LinearAttention, SoftmaxAttention, SwiGLU
+from distseq.models.mamba import Mamba2
 from distseq.parallel.sequence.context import SequenceParallel
 
-__all__ = ["Block", "HybridLM", "LMOutput"]
+__all__ = ["MIXERS", "Block", "HybridLM", "LMOutput"]
 
 IGNORE_INDEX = -100
+
+#: ``layer_pattern`` letter -> the token mixer of that layer (``distseq.config.model.LAYER_KINDS``)
+MIXERS: dict[str, type[nn.Module]] = {
+    "A": SoftmaxAttention,
+    "L": LinearAttention,
+    "M": Mamba2,
+    "G": GatedDeltaNet,
+}
 
 
 @dataclass
@@ -51,7 +61,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_kind: str, mlp_kind: str):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
-        self.attn = SoftmaxAttention(cfg) if layer_kind == "A" else LinearAttention(cfg)
+        self.attn = MIXERS[layer_kind](cfg)  # the token mixer, whatever its kind
         self.mlp_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         if mlp_kind == "M":
             from distseq.models.moe import MoE
@@ -141,6 +151,8 @@ class HybridLM(nn.Module):
         also returns the greedy ids at the labelled positions (evaluation; only their logits are computed)."""
         if input_ids.shape != labels.shape:
             raise ValueError(f"input_ids and labels must match: {tuple(input_ids.shape)} vs {tuple(labels.shape)}")
+        if "G" in self.config.layer_pattern:  # before any layer's collective, on every rank alike
+            require_delta_rule(type(seq.linear), seq.linear.name)
         hidden, aux = self.hidden_states(input_ids, seq)
         aux = aux / float(aux_normalizer if aux_normalizer is not None else input_ids.shape[0])
         num_tokens = int((labels != IGNORE_INDEX).sum())

@@ -65,9 +65,12 @@ class ShortConv(nn.Module):
         mixed = seq.short_conv(torch.cat([q, k, v], dim=-1), torch.cat(weights), bias)
         return F.silu(mixed).split([w.shape[0] for w in weights], dim=-1)
 
-    def shard_channels(self, tp: Communicator) -> None:
-        """Keep the filters of this tensor-parallel rank's channels (its slice of each projection)."""
+    def shard_channels(self, tp: Communicator, *, replicated: tuple[str, ...] = ()) -> None:
+        """Keep the filters of this tensor-parallel rank's channels (its slice of each projection); the
+        projections named in ``replicated`` (``"q"``, ``"k"``, ``"v"``) stay whole on every rank."""
         for name in ("q_weight", "k_weight", "v_weight", "q_bias", "k_bias", "v_bias"):
+            if name.partition("_")[0] in replicated:
+                continue
             param = getattr(self, name)
             setattr(self, name, shard_parameter(param, tp_slice(param.shape[0], tp, f"conv.{name} channels"), 0))
 

@@ -70,6 +70,10 @@ def model_flops_per_sequence(
     * ``softmax_projections``: per softmax layer ``2 T h D (2 H + 2 Hkv)`` (q, k, v, o);
     * ``linear_projections``: per linear layer ``2 T h H D (4 + [output gate])`` (q, k, v, o, out gate)
       ``+ 2 T h H`` with a gate;
+    * ``mamba_projections``: per Mamba2 layer ``2 T h (3 H D + 2 G N + H)`` (z, x, o; B and C of ``G`` groups of
+      state size ``N``; dt);
+    * ``deltanet_projections``: per gated DeltaNet layer ``2 T h (5 H D + 2 H)`` (q, k, v, output gate, o; the
+      decay's step and beta);
     * ``dense_mlp``: per dense layer ``6 T h I`` (gate, up, down);
     * ``moe_router``: ``2 T h E``; ``moe_experts``: ``6 T h Im k`` (only the top_k routed experts, dropless);
       ``moe_shared``: ``6 T h Im`` with a shared expert (each per MoE layer);
@@ -80,6 +84,12 @@ def model_flops_per_sequence(
       start of the sequence (last one shorter), ``dk = dv = D``:
       ``H [2 (dk + dv) sum_c L_c (L_c + 1) / 2 + 2 T dk dv + 2 T dk dv]``: causal intra-chunk pairs (scores and
       values), the readout ``q_t^T S`` and the state update ``S += k_t v_t^T``, every token once;
+    * ``mamba_scan``: per Mamba2 layer the same chunked form with ``dk = N`` (B, C) and ``dv = D`` (x);
+    * ``delta_rule``: per gated DeltaNet layer the chunked (WY) form, ``dk = dv = D``:
+      ``H [(6 dk + 4 dv) sum_c L_c (L_c + 1) / 2 + 6 T dk dv]``: per causal pair of a chunk ``beta k_t . k_s``
+      (``2 dk``), the triangular solve for the new values and keys (``2 (dk + dv)``), ``q_t . k_s`` and the
+      weighted new value (``2 dk + 2 dv``); per token the state's correction of its value, the readout and the
+      state update (``2 dk dv`` each);
     * ``weight_matmuls``: the sum of the projection parts (``2 T x`` active parameters except the embedding);
     * ``total_forward`` and ``total_train = 3 total_forward`` (backward = 2x forward).
     """
@@ -91,8 +101,10 @@ def model_flops_per_sequence(
     heads, kv_heads = cfg.num_heads, cfg.num_kv_heads
     n_softmax = cfg.layer_pattern.count("A")
     n_linear = cfg.layer_pattern.count("L")
+    n_mamba, n_deltanet = cfg.layer_pattern.count("M"), cfg.layer_pattern.count("G")
     n_moe = cfg.mlp_kinds().count("M")
     n_dense = cfg.num_layers - n_moe
+    state = cfg.mamba_state_size
 
     linear_proj = 2 * t * h * heads * d * (4 + int(cfg.linear_output_gate)) + 2 * t * h * heads * int(cfg.linear_gate)
     full, rest = divmod(t, linear_chunk_size)
@@ -101,6 +113,8 @@ def model_flops_per_sequence(
     parts = {
         "softmax_projections": n_softmax * 2 * t * h * d * (2 * heads + 2 * kv_heads),
         "linear_projections": n_linear * linear_proj,
+        "mamba_projections": n_mamba * 2 * t * h * (3 * heads * d + 2 * cfg.mamba_groups * state + heads),
+        "deltanet_projections": n_deltanet * 2 * t * h * (5 * heads * d + 2 * heads),
         "dense_mlp": n_dense * 6 * t * h * cfg.intermediate_size,
         "moe_router": n_moe * 2 * t * h * cfg.num_experts,
         "moe_experts": n_moe * expert * cfg.top_k,
@@ -111,7 +125,11 @@ def model_flops_per_sequence(
     pairs = _causal_pairs(t) if causal else t * t
     parts["softmax_attention"] = n_softmax * 4 * heads * d * pairs
     parts["linear_attention"] = n_linear * heads * (4 * d * intra_pairs + 4 * t * d * d)
-    parts["total_forward"] = parts["weight_matmuls"] + parts["softmax_attention"] + parts["linear_attention"]
+    parts["mamba_scan"] = n_mamba * heads * (2 * (state + d) * intra_pairs + 4 * t * state * d)
+    parts["delta_rule"] = n_deltanet * heads * (10 * d * intra_pairs + 6 * t * d * d)
+    parts["total_forward"] = parts["weight_matmuls"] + sum(
+        parts[name] for name in ("softmax_attention", "linear_attention", "mamba_scan", "delta_rule")
+    )
     parts["total_train"] = 3 * parts["total_forward"]
     return parts
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import math
 import warnings
+from functools import partial
 from typing import Any, NamedTuple
 
 from distseq.config.model import ModelConfig
-from distseq.models.parallelize import check_parallel_dims
+from distseq.models.parallelize import check_parallel_dims, check_strategies
 from distseq.parallel.layout import SequenceLayout
 from distseq.parallel.mesh import MeshAxis, ParallelDims
 from distseq.parallel.sequence.registry import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
@@ -25,6 +26,7 @@ __all__ = [
     "DATA_PARALLEL",
     "OPTIMIZER_STATES",
     "LayerBytes",
+    "delta_rule_layer_bytes",
     "format_plan",
     "linear_layer_bytes",
     "parameter_counts",
@@ -45,6 +47,12 @@ _PRIMITIVES = {
     "token_ring": "send_recv (Q ring, partial results to their owner)",
     "lasp2": "all_gather (chunk states)",
     "lasp1": "send / recv (serial state chain)",
+    "allscan": "send_recv (pipelined state chain, in blocks)",
+}
+_DELTA_PRIMITIVES = {
+    "lasp2": "all_gather (chunk summaries M, N); reduce_scatter backward",
+    "allscan": "send_recv (pipelined chain of entering states, in blocks)",
+    "ulysses": "all_to_all (sequence <-> heads)",
 }
 
 
@@ -129,7 +137,7 @@ def linear_layer_bytes(
     """Bytes of one linear-attention layer on rank ``layout.sp_rank`` (docs/communication.md). ``gate``: the
     layer has a data-dependent gate; the model computes it in fp32 (fp64 for fp64), so Ulysses moves it and its
     gradient in the accumulation dtype (derived from ``UlyssesAttention.linear_attention``)."""
-    p, r, n = layout.sp_size, layout.sp_rank, layout.local_len
+    p, n = layout.sp_size, layout.local_len
     s, a = elem_bytes, _acc_bytes(elem_bytes)
     state = batch * heads * key_dim * value_dim * a
     if name == "lasp2":
@@ -137,13 +145,8 @@ def linear_layer_bytes(
         fwd = (p - 1) * chunks * (state + batch * heads * a)  # states and one log-decay per chunk and head
         bwd = (p - 1) * chunks * state
         return LayerBytes(fwd, fwd, bwd, bwd)
-    if name == "lasp1":
-        # Chain over the chunks in sequence order: a hop between chunks of different ranks moves one state.
-        owner = {c: j for j in range(p) for c in layout.chunk_indices_of(j)}
-        last = layout.num_chunks - 1
-        to_next = sum(1 for c in layout.chunks() if c < last and owner[c + 1] != r)
-        to_prev = sum(1 for c in layout.chunks() if c > 0 and owner[c - 1] != r)
-        return LayerBytes(to_next * state, to_prev * state, to_prev * state, to_next * state)
+    if name in ("lasp1", "allscan"):
+        return _chain_bytes(layout, state)
     if name == "ulysses":
         # q, k, v and (with a gate) the gate there, the output back; the backward the transposes.
         width = (2 * key_dim + 2 * value_dim) * s + (a if gate else 0)
@@ -152,12 +155,49 @@ def linear_layer_bytes(
     raise ValueError(f"linear layers take one of {[*LINEAR_STRATEGIES, 'ulysses']}, got {name!r}")
 
 
+def _chain_bytes(layout: SequenceLayout, state: int) -> LayerBytes:
+    """A chain over the chunks in sequence order (LASP-1, All-Scan): a hop between chunks of different ranks moves
+    one ``state`` forward (to the next chunk's owner) and its gradient backward (to the previous one's)."""
+    p, r = layout.sp_size, layout.sp_rank
+    owner = {c: j for j in range(p) for c in layout.chunk_indices_of(j)}
+    last = layout.num_chunks - 1
+    to_next = sum(1 for c in layout.chunks() if c < last and owner[c + 1] != r)
+    to_prev = sum(1 for c in layout.chunks() if c > 0 and owner[c - 1] != r)
+    return LayerBytes(to_next * state, to_prev * state, to_prev * state, to_next * state)
+
+
+def delta_rule_layer_bytes(
+    name: str, layout: SequenceLayout, *, batch: int, heads: int, key_dim: int, value_dim: int, elem_bytes: int
+) -> LayerBytes:
+    """Bytes of one gated DeltaNet layer's delta rule on rank ``layout.sp_rank``. ``lasp2``: every chunk's affine
+    summary ``(M, N)`` (``K x K`` and ``K x V``, fp32) all-gathered forward, its gradient reduce-scattered
+    backward (``distseq.parallel.sequence.delta``); ``ulysses``: q, k, v and beta (``s``) and the fp32 gate
+    there, the output back, and the transposes backward."""
+    p, n = layout.sp_size, layout.local_len
+    s, a = elem_bytes, _acc_bytes(elem_bytes)
+    if name == "lasp2":
+        both = (p - 1) * len(layout.chunks()) * batch * heads * key_dim * (key_dim + value_dim) * a
+        return LayerBytes(both, both, both, both)
+    if name == "allscan":  # the entering state (K x V) crosses each boundary between ranks, each way
+        return _chain_bytes(layout, batch * heads * key_dim * value_dim * a)
+    if name == "ulysses":
+        width = (2 * key_dim + 2 * value_dim + 1) * s + a
+        both = (p - 1) * batch * n * heads * width // p
+        return LayerBytes(both, both, both, both)
+    raise ValueError(f"gated DeltaNet layers take 'lasp2', 'allscan' or 'ulysses', got {name!r}")
+
+
 def parameter_counts(cfg: ModelConfig, dims: ParallelDims) -> dict[str, int]:
     """Parameters of ``HybridLM(cfg)`` and per rank after ``parallelize_hybrid``: the TP plan's layers
-    (embedding, attention projections and gate, dense MLPs, LM head) are split over tp, routed experts over
-    ep; norms, routers and shared experts are replicated."""
+    (embedding, attention projections and gate, dense MLPs, LM head) are split over tp with the convolutions'
+    filters and the per-head parameters, routed experts over ep; norms, routers and shared experts are
+    replicated, and so are Mamba2's B and C (projections and filters) unless tp divides mamba_groups."""
     h, d, heads, kv_heads = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
     n_softmax, n_linear = cfg.layer_pattern.count("A"), cfg.layer_pattern.count("L")
+    n_mamba, n_deltanet = cfg.layer_pattern.count("M"), cfg.layer_pattern.count("G")
+    conv = cfg.short_conv_size + 1 if cfg.short_conv_size else 0  # filter taps and bias per channel
+    mamba_conv, mamba_bc = cfg.mamba_conv_size + 1, 2 * cfg.mamba_groups * cfg.mamba_state_size
+    bc_split = cfg.mamba_groups % dims.tp == 0
     n_moe = cfg.mlp_kinds().count("M")
     n_dense = cfg.num_layers - n_moe
     tp_sharded = (
@@ -165,8 +205,20 @@ def parameter_counts(cfg: ModelConfig, dims: ParallelDims) -> dict[str, int]:
         + n_softmax * 2 * h * d * (heads + kv_heads)
         + n_linear * (4 * h * heads * d + (h + 1) * heads * cfg.linear_gate + h * heads * d * cfg.linear_output_gate)
         + n_dense * 3 * h * cfg.intermediate_size
+        + n_softmax * (heads + 2 * kv_heads) * d * conv * cfg.short_conv_softmax
+        + n_linear * 3 * heads * d * conv
+        # Mamba2: z, x, o; dt; A_log, dt_bias, D; the norm weight; x's filters; B and C when split
+        + n_mamba * (3 * h * heads * d + h * heads + 3 * heads + heads * d * (1 + mamba_conv))
+        + n_mamba * mamba_bc * (h + mamba_conv) * bc_split
+        # gated DeltaNet: q, k, v, output gate, o; decay step and beta; A_log, dt_bias; q, k, v filters
+        + n_deltanet * (5 * h * heads * d + 2 * h * heads + 2 * heads + 3 * heads * d * conv)
     )
-    tp_partial = n_softmax * 2 * d * cfg.qk_norm + n_linear * d  # per-head norms, grads summed over tp
+    # per-head norms and Mamba2's whole B and C: grads summed over tp
+    tp_partial = (
+        n_softmax * 2 * d * cfg.qk_norm
+        + (n_linear + n_deltanet) * d
+        + n_mamba * mamba_bc * (h + mamba_conv) * (not bc_split)
+    )
     moe_width = cfg.moe_intermediate_size
     experts = n_moe * cfg.num_experts * 3 * h * moe_width
     replicated = (
@@ -224,8 +276,9 @@ def _check(cfg, dims, seq_len, micro_batch, grad_accum, softmax, linear, layout,
     needs = []
     if "A" in cfg.layer_pattern and softmax in ("ulysses", "usp"):
         needs.append((softmax, dims.sp if softmax == "ulysses" else u, "sp" if softmax == "ulysses" else "ulysses"))
-    if "L" in cfg.layer_pattern and linear == "ulysses":
+    if set("LMG") & set(cfg.layer_pattern) and linear == "ulysses":
         needs.append(("ulysses (linear)", dims.sp, "sp"))
+    check_strategies(cfg, linear=linear)
     for name, degree, axis in needs:
         if heads % degree:
             raise ValueError(
@@ -272,6 +325,7 @@ def _tensor_parallel(cfg: ModelConfig, dims: ParallelDims, tokens: int, s: int, 
     tp, h, a = dims.tp, cfg.hidden_size, _acc_bytes(s)
     hidden = _all_reduce(tokens * h, tp, s)  # one all-reduce of a [tokens, hidden] activation or gradient
     n_softmax, n_linear = cfg.layer_pattern.count("A"), cfg.layer_pattern.count("L")
+    n_mamba, n_deltanet = cfg.layer_pattern.count("M"), cfg.layer_pattern.count("G")
     n_dense = cfg.mlp_kinds().count("D")
     linear_columns = 3 + cfg.linear_gate + cfg.linear_output_gate
     # A checkpointed block repeats its forward in the backward, up to the last op that saves a tensor
@@ -290,6 +344,15 @@ def _tensor_parallel(cfg: ModelConfig, dims: ParallelDims, tokens: int, s: int, 
             n_linear * hidden,
             n_linear * (linear_columns + recompute) * hidden,
         ),
+        # Mamba2's B and C are column layers whether split or whole (their input gradients are partial either way)
+        "Mamba2 (o_proj forward; z, x, B, C, dt input grads backward)": (
+            n_mamba * hidden,
+            n_mamba * (5 + recompute) * hidden,
+        ),
+        "gated DeltaNet (o_proj forward; q, k, v, gate, beta, output gate input grads backward)": (
+            n_deltanet * hidden,
+            n_deltanet * (6 + recompute) * hidden,
+        ),
         "dense MLP (down_proj forward; gate, up input grads backward)": (n_dense * hidden, n_dense * 2 * hidden),
         # The loss chunks are recomputed (checkpoint) in the backward, with their three all-reduces.
         "LM head + vocab-parallel loss": (loss_fwd, loss_fwd + sum(_all_reduce(c * h, tp, s) for c in chunks)),
@@ -304,20 +367,28 @@ def _tensor_parallel(cfg: ModelConfig, dims: ParallelDims, tokens: int, s: int, 
 
 def _sequence_parallel(cfg, dims, *, seq_len, micro_batch, grad_accum, softmax, linear, layout, s, u, checkpointing):
     heads, kv_heads = cfg.num_heads // dims.tp, cfg.num_kv_heads // dims.tp
+    d = cfg.head_dim
+    # Mamba2 is linear attention with keys of the state size and a data-dependent gate (its A dt)
+    bytes_of = {
+        "softmax": partial(softmax_layer_bytes, heads=heads, kv_heads=kv_heads, head_dim=d, ulysses_degree=u),
+        "linear": partial(linear_layer_bytes, heads=heads, key_dim=d, value_dim=d, gate=cfg.linear_gate),
+        "mamba2": partial(linear_layer_bytes, heads=heads, key_dim=cfg.mamba_state_size, value_dim=d, gate=True),
+        "gated deltanet": partial(delta_rule_layer_bytes, heads=heads, key_dim=d, value_dim=d),
+    }
     out = []
-    for kind, letter, strategy in (("softmax", "A", softmax), ("linear", "L", linear)):
+    for kind, letter, strategy in (
+        ("softmax", "A", softmax),
+        ("linear", "L", linear),
+        ("mamba2", "M", linear),
+        ("gated deltanet", "G", linear),
+    ):
         layers = cfg.layer_pattern.count(letter)
         if not layers:
             continue
         per_rank = []
         for rank in range(dims.sp):
             rank_layout = SequenceLayout(layout, seq_len, dims.sp, rank)
-            if kind == "softmax":
-                shape = {"heads": heads, "kv_heads": kv_heads, "head_dim": cfg.head_dim, "ulysses_degree": u}
-                one = softmax_layer_bytes(strategy, rank_layout, batch=micro_batch, elem_bytes=s, **shape)
-            else:
-                shape = {"heads": heads, "key_dim": cfg.head_dim, "value_dim": cfg.head_dim, "gate": cfg.linear_gate}
-                one = linear_layer_bytes(strategy, rank_layout, batch=micro_batch, elem_bytes=s, **shape)
+            one = bytes_of[kind](strategy, rank_layout, batch=micro_batch, elem_bytes=s)
             if checkpointing:  # the recomputed forward moves its bytes again during the backward
                 one = one._replace(
                     bwd_sent=one.bwd_sent + one.fwd_sent, bwd_received=one.bwd_received + one.fwd_received
@@ -329,7 +400,7 @@ def _sequence_parallel(cfg, dims, *, seq_len, micro_batch, grad_accum, softmax, 
                 "kind": kind,
                 "layers": layers,
                 "strategy": strategy,
-                "primitive": _PRIMITIVES[strategy],
+                "primitive": _DELTA_PRIMITIVES[strategy] if letter == "G" else _PRIMITIVES[strategy],
                 "per_layer": worst._asdict(),  # per micro-batch, the most any sp rank moves
                 "rank_dependent": len(set(per_rank)) > 1,
                 "per_sp_rank": [b._asdict() for b in per_rank],
@@ -337,7 +408,7 @@ def _sequence_parallel(cfg, dims, *, seq_len, micro_batch, grad_accum, softmax, 
                 "per_step_received": layers * grad_accum * (worst.fwd_received + worst.bwd_received),
             }
         )
-    if cfg.short_conv_size and dims.sp > 1:
+    if dims.sp > 1:
         out += _short_conv(cfg, dims, seq_len, micro_batch, grad_accum, layout, s, checkpointing)
     return out
 
@@ -347,15 +418,19 @@ def _short_conv(cfg, dims, seq_len, micro_batch, grad_accum, layout, s, checkpoi
     chunk tails forward, reduce-scatter of their gradients backward), the same on every sp rank."""
     head_dim, heads, kv_heads = cfg.head_dim, cfg.num_heads // dims.tp, cfg.num_kv_heads // dims.tp
     chunks = len(SequenceLayout(layout, seq_len, dims.sp, 0).local_chunks())
+    # Mamba2 convolves x and its B and C (every group's on each tp rank unless tp divides mamba_groups)
+    groups = cfg.mamba_groups // dims.tp if cfg.mamba_groups % dims.tp == 0 else cfg.mamba_groups
     out = []
-    for kind, letter, channels in (
-        ("short conv (softmax)", "A", (heads + 2 * kv_heads) * head_dim),
-        ("short conv (linear)", "L", 3 * heads * head_dim),
+    for kind, letter, channels, width in (
+        ("short conv (softmax)", "A", (heads + 2 * kv_heads) * head_dim, cfg.short_conv_size * cfg.short_conv_softmax),
+        ("short conv (linear)", "L", 3 * heads * head_dim, cfg.short_conv_size),
+        ("short conv (mamba2)", "M", heads * head_dim + 2 * groups * cfg.mamba_state_size, cfg.mamba_conv_size),
+        ("short conv (gated deltanet)", "G", 3 * heads * head_dim, cfg.short_conv_size),
     ):
-        layers = cfg.layer_pattern.count(letter) if letter == "L" or cfg.short_conv_softmax else 0
+        layers = cfg.layer_pattern.count(letter) if width > 1 else 0  # width 1 needs no halo
         if not layers:
             continue
-        one = (dims.sp - 1) * chunks * (cfg.short_conv_size - 1) * micro_batch * channels * s
+        one = (dims.sp - 1) * chunks * (width - 1) * micro_batch * channels * s
         per = LayerBytes(one, one, one * (2 if checkpointing else 1), one * (2 if checkpointing else 1))
         out.append(
             {

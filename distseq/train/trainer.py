@@ -45,7 +45,7 @@ from distseq.data.loader import ShardedLoader
 from distseq.kernels.delta_rule import delta_rule_backend
 from distseq.kernels.linear_attention.backends import linear_attention_backend
 from distseq.models.hybrid import IGNORE_INDEX, HybridLM
-from distseq.models.parallelize import check_parallel_dims, parallelize_hybrid
+from distseq.models.parallelize import check_parallel_dims, check_strategies, parallelize_hybrid
 from distseq.parallel.comm import Communicator
 from distseq.parallel.data import data_parallel, reduce_gradients, sum_tp_partial_gradients
 from distseq.parallel.layout import SequenceLayout
@@ -101,6 +101,7 @@ def validate(cfg: RunConfig, world_size: int) -> _Plan:
         import_deepspeed()  # installed, or an ImportError saying how
     dims = ParallelDims(**deg, world_size=world_size)
     check_parallel_dims(cfg.model, dims)
+    check_strategies(cfg.model, linear=cfg.parallel.linear_strategy)  # gated DeltaNet layers need a delta rule
     SequenceLayout(cfg.parallel.layout, cfg.data.seq_len, dims.sp, 0)  # sequence divisibility, named
     ulysses = cfg.parallel.ulysses_degree
     if cfg.parallel.softmax_strategy == "usp" and ulysses is None:

@@ -110,8 +110,8 @@ def test_delta_rule_bytes_independent_of_length(worlds):
         seen = []
         for seq_len in (8192, 65536):
             for forward, backward in world.run(job_bytes, seq_len, kind, key_dim, value_dim, timeout=240):
-                assert forward == {"all_gather": {"calls": 1, "bytes_sent": expected, "bytes_received": expected}}, forward
-                assert backward == {"reduce_scatter": {"calls": 1, "bytes_sent": expected, "bytes_received": expected}}, backward
+                once = {"calls": 1, "bytes_sent": expected, "bytes_received": expected}
+                assert forward == {"all_gather": once} and backward == {"reduce_scatter": once}, (forward, backward)
                 seen.append((forward, backward))
         assert all(s == seen[0] for s in seen)
 

@@ -22,13 +22,15 @@ from distseq.parallel.layout import SequenceLayout
 from distseq.parallel.mesh import MeshAxis, ParallelDims
 from distseq.parallel.sequence.context import SequenceParallel
 from distseq.parallel.tensor import TP_SHARD_DIM_ATTR
+from distseq.train.plan import plan_report
 
 CONFIG = dict(
     vocab_size=64,
     hidden_size=32,
     num_heads=4,
     num_kv_heads=2,
-    layer_pattern="LALA",
+    layer_pattern="MAGL",  # Mamba2, softmax, gated DeltaNet, linear attention
+    mamba_groups=2,  # split over tp = 2 with their heads; whole on every rank at tp = 4 (overridden to 1)
     mlp_pattern="DMDM",
     num_experts=4,
     top_k=2,
@@ -37,7 +39,7 @@ CONFIG = dict(
     shared_expert=True,
     qk_norm=True,
     linear_gate=True,
-    short_conv_size=4,  # its halos cross ranks (zigzag at sp = 4: chunks of 4 tokens)
+    short_conv_size=4,  # its halos cross ranks (zigzag at sp = 4: chunks of 4 tokens); Mamba2's is 4 too
     short_conv_softmax=True,
     loss_chunk_size=24,
 )
@@ -151,13 +153,74 @@ def test_dense_model_sp4(worlds, softmax):
 @pytest.mark.parametrize(("dp", "sp", "tp"), [(1, 1, 2), (1, 1, 4)])
 @pytest.mark.parametrize("softmax", ["ring", "ulysses"])
 def test_tensor_parallel(worlds, dp, sp, tp, softmax):
-    overrides = {"num_kv_heads": 4} if tp == 4 else None
+    overrides = {"num_kv_heads": 4, "mamba_groups": 1} if tp == 4 else None
     worlds(dp * sp * tp).run(job_parity, dp, sp, softmax, "zigzag", overrides, 1, tp, timeout=300)
 
 
-@pytest.mark.parametrize("linear", ["lasp1", "ulysses"])
+@pytest.mark.parametrize("linear", ["lasp1", "ulysses", "allscan"])
 def test_other_linear_strategies(worlds, linear):
-    worlds(4).run(job_parity, 1, 4, "ring", "zigzag", None, linear=linear, timeout=300)
+    overrides = {"layer_pattern": "MALA"} if linear == "lasp1" else None  # lasp1 has no delta rule for G layers
+    worlds(4).run(job_parity, 1, 4, "ring", "zigzag", overrides, linear=linear, timeout=300)
+
+
+def job_plan_bytes(sp: int, tp: int, linear: str, kind: str, groups: int) -> None:
+    """One forward and backward moves, on this rank, the sequence- and tensor-parallel bytes the dry-run plan
+    gives: every linear-strategy layer kind (L, M, G) summed on the linear strategy's communicator, every short
+    convolution's halo on the context's, the TP plan's all-reduces (before the gradient reduction) on tp."""
+    dims = ParallelDims(sp=sp, tp=tp, world_size=dist.get_world_size())
+    comms = dims.communicators()
+    coords = dims.coords(dist.get_rank())
+    overrides = {"mamba_groups": groups, "num_kv_heads": 4}
+    model = parallelize_hybrid(_model(overrides), dims, comms)
+    layout = SequenceLayout(kind, SEQ_LEN, sp, coords[MeshAxis.SP])
+    seq = SequenceParallel.build(comms[MeshAxis.SP], layout, linear=linear).with_documents(DOCS)
+    ids, labels = _batch()
+    rows = slice(coords[MeshAxis.DP] * ROWS // dims.dp, (coords[MeshAxis.DP] + 1) * ROWS // dims.dp)
+    out = model(layout.shard(ids[rows], 1), layout.shard(labels[rows], 1), seq, aux_normalizer=ROWS)
+    out.loss.backward()
+    measured = {name: stats.bytes_sent for name, stats in seq.comm_stats().items()}
+    measured["tp"] = comms[MeshAxis.TP].stats.bytes_sent
+
+    plan = plan_report(
+        model.config,
+        dims,
+        seq_len=SEQ_LEN,
+        micro_batch=ROWS // dims.dp,
+        grad_accum=1,
+        softmax_strategy="ring",
+        linear_strategy=linear,
+        layout=kind,
+        dtype_bytes=4,
+    )
+    entries = plan["communication"]["sequence_parallel"]
+
+    def planned(kinds):
+        return sum(
+            e["layers"]
+            * (e["per_sp_rank"][coords[MeshAxis.SP]]["fwd_sent"] + e["per_sp_rank"][coords[MeshAxis.SP]]["bwd_sent"])
+            for e in entries
+            if e["kind"] in kinds or (kinds == "conv" and e["kind"].startswith("short conv"))
+        )
+
+    tensor = plan["communication"]["tensor_parallel"]
+    expected = {
+        "softmax.ring": planned(("softmax",)),
+        f"linear.{linear}": planned(("linear", "mamba2", "gated deltanet")),
+        "conv": planned("conv"),
+        "tp": tensor["forward"] + tensor["backward"],
+    }
+    assert measured == expected, (measured, expected)
+    assert all(sent > 0 for name, sent in measured.items() if name != "tp" or tp > 1), measured
+
+
+#: (sp, tp, linear strategy, layout, mamba_groups): B and C split over tp and whole on every tp rank
+PLAN_CASES = [(2, 2, "lasp2", "contiguous", 2), (2, 2, "lasp2", "zigzag", 1), (4, 1, "ulysses", "zigzag", 2)]
+PLAN_CASES += [(4, 1, "allscan", "zigzag", 1)]
+
+
+@pytest.mark.parametrize(("sp", "tp", "linear", "kind", "groups"), PLAN_CASES, ids=lambda c: str(c))
+def test_measured_bytes_are_the_plans(worlds, sp, tp, linear, kind, groups):
+    worlds(4).run(job_plan_bytes, sp, tp, linear, kind, groups, timeout=300)
 
 
 def job_invalid_combinations() -> None:
@@ -166,6 +229,8 @@ def job_invalid_combinations() -> None:
     dims = ParallelDims(tp=4, world_size=world)
     with pytest.raises(ValueError, match=r"tp=4 must divide \{'num_kv_heads': 2\}"):
         parallelize_hybrid(model, dims, {})
+    with pytest.raises(ValueError, match=r"mamba_groups 1 .* or divisible by tp: mamba_groups=2, tp=4"):
+        parallelize_hybrid(_model({"num_kv_heads": 4}), dims, {})
     dims = ParallelDims(sp=4, ep=4, world_size=world)
     with pytest.raises(ValueError, match=r"ep must divide num_experts: num_experts=3, ep=4"):
         parallelize_hybrid(_model({"num_experts": 3}), dims, {})
@@ -206,8 +271,10 @@ def test_single_process_loss_is_finite_and_chunking_does_not_matter():
 def test_config_errors():
     with pytest.raises(ValueError, match=r"num_heads must divide by num_kv_heads: num_heads=4, num_kv_heads=3"):
         ModelConfig(num_kv_heads=3)
-    with pytest.raises(ValueError, match=r"layer_pattern must be letters from \['A', 'L'\], got 'LXA'"):
-        ModelConfig(layer_pattern="LXA")
+    with pytest.raises(ValueError, match=r"from \['A', 'G', 'L', 'M'\], got 'LXAY' \(bad letters: \['X', 'Y'\]\)"):
+        ModelConfig(layer_pattern="LXAY")
+    with pytest.raises(ValueError, match=r"num_heads must divide by mamba_groups: num_heads=4, mamba_groups=3"):
+        ModelConfig(mamba_groups=3)
     with pytest.raises(ValueError, match=r"mlp_pattern must have one letter .* per layer \(4\), got 'DM'"):
         ModelConfig(mlp_pattern="DM")
     with pytest.raises(ValueError, match=r"top_k must be <= num_experts: top_k=5, num_experts=4"):

@@ -3,6 +3,7 @@ MFU, rates, memory, communication deltas and the rank-0 logger."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -66,9 +67,14 @@ def test_flops_hand_count():
         "softmax_attention": 2 * (60 + 60),
         # per head: intra pairs 10 + 1 -> scores 44 + values 44; readout 2*5*2*2 = 40; state update 40
         "linear_attention": 2 * (44 + 44 + 40 + 40),
+        # no Mamba2 or gated DeltaNet layer
+        "mamba_projections": 0,
+        "deltanet_projections": 0,
+        "mamba_scan": 0,
+        "delta_rule": 0,
     }
     expected["weight_matmuls"] = sum(
-        v for k, v in expected.items() if k not in ("softmax_attention", "linear_attention")
+        v for k, v in expected.items() if k not in ("softmax_attention", "linear_attention", "mamba_scan", "delta_rule")
     )
     assert expected["weight_matmuls"] == 4400
     expected["total_forward"] = 4400 + 240 + 336
@@ -77,6 +83,29 @@ def test_flops_hand_count():
     non_causal = model_flops_per_sequence(TINY, 5, causal=False, linear_chunk_size=4)
     assert non_causal["softmax_attention"] == 2 * 4 * 2 * 25
     assert non_causal["total_forward"] == expected["total_forward"] - 240 + 400
+
+
+def test_flops_of_mamba_and_deltanet_hand_count_and_flop_counter():
+    # T=5, h=4, H=2, D=2, N=3, G=1, V=10, I=6, chunks of 4 tokens: [4, 1] -> 11 intra pairs.
+    cfg = dataclasses.replace(TINY, layer_pattern="MG", mlp_pattern="DD", mamba_state_size=3, short_conv_size=2)
+    flops = model_flops_per_sequence(cfg, 5, linear_chunk_size=4)
+    # z, x, o [5,4]x[4,4] each 160; B, C [5,4]x[4,3] each 120; dt [5,4]x[4,2] 80
+    assert flops["mamba_projections"] == 3 * 160 + 2 * 120 + 80
+    # q, k, v, output gate, o 160 each; decay step and beta 80 each
+    assert flops["deltanet_projections"] == 5 * 160 + 2 * 80
+    # per head: intra pairs 11 x 2 (N + D) = 110; readout and state update 2 x 2*5*3*2 = 120
+    assert flops["mamba_scan"] == 2 * (110 + 120)
+    # per head: 11 pairs x (6 D + 4 D) = 220; 3 x 2*5*2*2 = 120
+    assert flops["delta_rule"] == 2 * (220 + 120)
+    assert flops["total_forward"] == flops["weight_matmuls"] + flops["softmax_attention"] + flops[
+        "linear_attention"] + 2 * (110 + 120) + 2 * (220 + 120)  # fmt: skip
+    # The projections are the model's matmuls, exactly.
+    model = HybridLM(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (1, 5))
+    with FlopCounterMode(display=False) as counter:
+        model(ids, ids, SequenceParallel.single(5))
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    assert counts.get("aten.mm", 0) + counts.get("aten.addmm", 0) == flops["weight_matmuls"]
 
 
 def test_flops_bad_input():

@@ -12,6 +12,7 @@ import pytest
 
 from distseq.config.model import ModelConfig
 from distseq.models import HybridLM
+from distseq.models.mamba import Mamba2
 from distseq.models.parallelize import TP_PLAN
 from distseq.parallel.layout import SequenceLayout
 from distseq.parallel.mesh import ParallelDims
@@ -118,6 +119,9 @@ CONFIGS = [
     dict(layer_pattern="LALA", mlp_pattern="DMDM", shared_expert=True, qk_norm=True, linear_gate=True),
     dict(layer_pattern="LLA", moe_interval=0, linear_output_gate=False, num_kv_heads=4),
     dict(layer_pattern="AL", moe_interval=1, num_experts=8, tie_embeddings=True, vocab_size=96),
+    # Mamba2 with B and C split over tp (2 groups) or whole (1 group); convolutions in every kind of layer
+    dict(layer_pattern="MGLA", mlp_pattern="DMDD", short_conv_size=4, short_conv_softmax=True, mamba_groups=2),
+    dict(layer_pattern="GM", mamba_groups=1, mamba_state_size=8, mamba_conv_size=3, short_conv_size=2),
 ]
 
 
@@ -132,6 +136,7 @@ LAYOUTS = [(1, 1, 1, 1), (1, 2, 2, 2), (2, 2, 2, 4), (1, 1, 4, 1)]  # dp, sp, tp
         for degrees in LAYOUTS
         if not (degrees[2] > 1 and overrides.get("tie_embeddings"))
         and overrides.get("num_experts", 4) % degrees[3] == 0
+        and overrides.get("mamba_groups", 1) in (1, degrees[2], 2 * degrees[2])
     ],
 )
 def test_parameter_counts_match_the_model(overrides, dp, sp, tp, ep):
@@ -140,11 +145,26 @@ def test_parameter_counts_match_the_model(overrides, dp, sp, tp, ep):
     model = HybridLM(cfg)
     counts = parameter_counts(cfg, dims)
     assert counts["total"] == sum(p.numel() for p in model.parameters())
-    # Per rank by the rules parallelize_hybrid applies: TP_PLAN modules split over tp, experts over ep.
+    # Per rank by the rules parallelize_hybrid applies: TP_PLAN modules split over tp with the convolutions' filters
+    # and the per-head parameters, experts over ep; Mamba2's B and C split when tp divides the groups, else whole
+    # on every rank with partial gradients.
+    split_groups = cfg.mamba_groups % tp == 0
     per_rank = partial = 0
     for name, param in model.named_parameters():
         module = name.rpartition(".")[0]
-        if any(fnmatch.fnmatchcase(module, key) for key in TP_PLAN):
+        mixer = ".".join(name.split(".")[:3]) if name.startswith("blocks.") else ""  # blocks.<i>.attn
+        mamba_bc = isinstance(model.get_submodule(mixer), Mamba2) and (
+            name.endswith(("b_proj.weight", "c_proj.weight")) or ".conv.q_" in name or ".conv.k_" in name
+        )
+        if mamba_bc and not split_groups:
+            per_rank += param.numel()
+            partial += param.numel()
+        elif (
+            any(fnmatch.fnmatchcase(module, key) for key in TP_PLAN)
+            or mamba_bc
+            or ".conv." in name
+            or name.endswith(("A_log", "dt_bias", ".D", "norm_weight"))
+        ):
             assert param.numel() % tp == 0
             per_rank += param.numel() // tp
         elif name.endswith(("w_gate_up", "w_down")):
@@ -322,6 +342,65 @@ def test_plan_errors():
     # A strategy whose head check fails only matters when its layer kind is present.
     linear_only = ModelConfig(num_heads=4, num_kv_heads=2, layer_pattern="LL")
     plan_report(linear_only, sp8, softmax_strategy="ulysses", **common)
+    # Mamba2 and gated DeltaNet layers run on the linear strategy.
+    for pattern in ("MA", "GA"):
+        with pytest.raises(ValueError, match=r"ulysses \(linear\) needs heads per tp rank divisible by sp"):
+            plan_report(ModelConfig(layer_pattern=pattern), sp8, softmax_strategy="ring", **(common | {
+                "linear_strategy": "ulysses"}))  # fmt: skip
+    with pytest.raises(ValueError, match=r"linear_strategy='lasp1' has none: use one of \[.*'lasp2'.*'ulysses'\]"):
+        plan_report(ModelConfig(layer_pattern="GA"), sp8, softmax_strategy="ring", **(common | {
+            "linear_strategy": "lasp1"}))  # fmt: skip
+    plan_report(
+        ModelConfig(layer_pattern="MA"), sp8, softmax_strategy="ring", **(common | {"linear_strategy": "lasp1"})
+    )
+    with pytest.raises(ValueError, match=r"mamba_groups 1 .* or divisible by tp: mamba_groups=2, tp=4"):
+        plan_report(ModelConfig(layer_pattern="MA", mamba_groups=2, num_kv_heads=4), ParallelDims(tp=4, world_size=4),
+                    softmax_strategy="ring", **common)  # fmt: skip
+
+
+def test_plan_mamba_and_deltanet_by_hand():
+    """sp = 4 zigzag (2 chunks per rank), tp = 2 (8 heads per rank), D = 128, bf16."""
+    cfg = dataclasses.replace(BIG, layer_pattern="MGLA" * 4, short_conv_size=4, mamba_state_size=64, mamba_groups=2)
+    dims = ParallelDims(dp=2, sp=4, tp=2, ep=4, world_size=16)
+    settings = dict(seq_len=65536, micro_batch=1, grad_accum=4, softmax_strategy="ring", layout="zigzag", dtype_bytes=2)
+    report = plan_report(cfg, dims, linear_strategy="lasp2", **settings)
+    entries = {e["kind"]: e for e in report["communication"]["sequence_parallel"]}
+    assert list(entries) == [
+        "softmax",
+        "linear",
+        "mamba2",
+        "gated deltanet",
+        "short conv (linear)",
+        "short conv (mamba2)",
+        "short conv (gated deltanet)",
+    ]
+    mamba, deltanet = entries["mamba2"], entries["gated deltanet"]
+    # Mamba2 on LASP-2: fp32 states of N x D = 64 x 128 plus one log-decay, per chunk and head.
+    assert mamba["layers"] == 4 and mamba["strategy"] == "lasp2"
+    assert mamba["per_layer"]["fwd_sent"] == 3 * 2 * 8 * (64 * 128 + 1) * 4
+    assert mamba["per_layer"]["bwd_sent"] == 3 * 2 * 8 * 64 * 128 * 4
+    # Gated DeltaNet: the summaries M (D x D) and N (D x D), fp32, all-gathered forward, reduce-scattered back.
+    assert deltanet["per_layer"]["fwd_sent"] == deltanet["per_layer"]["bwd_sent"] == 3 * 2 * 8 * 128 * 256 * 4
+    assert "reduce_scatter" in deltanet["primitive"]
+    # Halos, 3 tail tokens per chunk: Mamba2 x (8 heads x 128) plus B and C of its one group per tp rank (64 each).
+    assert entries["short conv (mamba2)"]["per_layer"]["fwd_sent"] == 3 * 2 * 3 * (8 * 128 + 2 * 64) * 2
+    assert entries["short conv (gated deltanet)"]["per_layer"]["fwd_sent"] == 3 * 2 * 3 * 3 * 8 * 128 * 2
+    # One group whole on every tp rank: its B and C channels are all there.
+    whole = plan_report(dataclasses.replace(cfg, mamba_groups=1), dims, linear_strategy="lasp2", **settings)
+    conv = {e["kind"]: e for e in whole["communication"]["sequence_parallel"]}["short conv (mamba2)"]
+    assert conv["per_layer"]["fwd_sent"] == 3 * 2 * 3 * (8 * 128 + 2 * 64) * 2
+    # On Ulysses: q, k, v, beta (bf16) and the gate (fp32) there, the output back; n = 16384, 3/4 of it leaves.
+    ulysses = plan_report(cfg, dims, linear_strategy="ulysses", **settings)
+    entry = {e["kind"]: e for e in ulysses["communication"]["sequence_parallel"]}["gated deltanet"]
+    assert entry["per_layer"]["fwd_sent"] == 3 * 16384 * 8 * ((4 * 128 + 1) * 2 + 4) // 4
+    # Tensor parallel: o_proj forward; z, x, B, C, dt (Mamba2) and q, k, v, gate, beta, output gate (DeltaNet)
+    # input gradients backward.
+    items = report["communication"]["tensor_parallel"]["items"]
+    hidden = 2 * 1 * math.ceil(16384 * 2048 / 2) * 2
+    mamba_tp = next(v for k, v in items.items() if k.startswith("Mamba2"))
+    deltanet_tp = next(v for k, v in items.items() if k.startswith("gated DeltaNet"))
+    assert mamba_tp == {"forward": 4 * hidden, "backward": 4 * 5 * hidden}
+    assert deltanet_tp == {"forward": 4 * hidden, "backward": 4 * 6 * hidden}
 
 
 def test_usp_plan_uses_the_ulysses_degree():
