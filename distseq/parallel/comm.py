@@ -392,7 +392,9 @@ class Communicator:
                 f"got {send_splits}"
             )
         if recv_splits is None:
-            recv_splits = self.all_to_all(torch.tensor(send_splits, dtype=torch.int64), 0, 0).tolist()
+            # on x's device: NCCL moves CUDA tensors only (reading the counts back is the one host sync)
+            counts = torch.tensor(send_splits, dtype=torch.int64, device=x.device)
+            recv_splits = self.all_to_all(counts, 0, 0).tolist()
         recv_splits = [int(n) for n in recv_splits]
         row = x[0].numel() * x.element_size() if x.shape[0] else math.prod(x.shape[1:]) * x.element_size()
         sent = (sum(send_splits) - send_splits[self.rank]) * row

@@ -56,6 +56,8 @@ def _worker(
 
     torch.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    if backend == "nccl":  # one GPU per rank, before the group exists (NCCL binds the current device)
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     try:
         dist.init_process_group(
             backend,

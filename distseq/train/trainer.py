@@ -336,6 +336,7 @@ class _Run:
         self.eval_chance = getattr(eval_source, "chance_accuracy", None)
 
         self.step = 0
+        self._mfu_warned = False
         self.run_dir = Path(cfg.run_dir)
         self.result = TrainResult(run_dir=str(self.run_dir))
         if resume:
@@ -358,13 +359,14 @@ class _Run:
         # Fails here, before the first step, when a backend named in the config cannot serve this run.
         kernel = self.seq.softmax.resolve_attention_backend(device, self._compute_dtype(), cfg.model.head_dim)
         linear_kernel = linear_attention_backend(cfg.parallel.linear_backend).__name__
+        if "G" in cfg.model.layer_pattern:
+            linear_kernel += f", delta rule: {delta_rule_backend(cfg.parallel.linear_backend, device)}"
         if self.rank == 0:
             print(
                 f"softmax layers: {self.seq.softmax.name} with the {kernel.name!r} local attention kernel "
                 f"(parallel.attention_backend={cfg.parallel.attention_backend}, {self._compute_dtype()} on "
-                f"{device.type}); linear layers: {self.seq.linear.name} with {linear_kernel} (delta rule: "
-                f"{delta_rule_backend(cfg.parallel.linear_backend, device)}; parallel.linear_backend="
-                f"{cfg.parallel.linear_backend})",
+                f"{device.type}); linear layers: {self.seq.linear.name} with {linear_kernel} "
+                f"(parallel.linear_backend={cfg.parallel.linear_backend})",
                 flush=True,
             )
         metrics_path = self.run_dir / METRICS_FILE
@@ -578,7 +580,7 @@ class _Run:
                     tokens_per_s=tokens_per_step / elapsed,
                     step_time_s=elapsed,
                     tflops_per_rank=tflops,
-                    mfu=mfu(tflops, self.peak),
+                    **self._mfu(tflops),
                     peak_memory_bytes=peak_memory_bytes(self.device),
                     comm_bytes_sent={k: after[k] - before.get(k, 0) for k in after},
                 )
@@ -598,6 +600,17 @@ class _Run:
         if self.rank == 0:  # only a completed run gets here
             self._finish()
         return self.result
+
+    def _mfu(self, tflops: float) -> dict[str, Any]:
+        """``{"mfu": ...}``; above 100% (a wrong peak table, FLOP count or timing) ``{"mfu": None, "mfu_error": ...}``
+        in the row and one warning in the log: a wrong table entry must not stop a run."""
+        try:
+            return {"mfu": mfu(tflops, self.peak)}
+        except ValueError as err:
+            if self.rank == 0 and not self._mfu_warned:
+                print(f"warning: {err} (reported as mfu_error in {METRICS_FILE}; metrics.peak_tflops sets the peak)")
+                self._mfu_warned = True
+            return {"mfu": None, "mfu_error": str(err)}
 
     def close(self) -> None:
         """Release what outlives the loop: the DeepSpeed engine's hooks and buffers."""

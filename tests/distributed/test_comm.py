@@ -237,6 +237,15 @@ def test_self_check_passes(worlds, world_size, dtype_name):
         "all_reduce",
         "all_to_all",
     }
+    assert all(c["bus_gbps"] > 0 for c in per_rank[0]) or world_size == 1
+
+
+def test_self_check_builds_every_tensor_on_the_given_device():
+    """With the default device set to meta, a tensor made without the check's device would be a meta tensor and
+    the comparison would fail: every one is made on the device asked for (CUDA under NCCL)."""
+    with torch.device("meta"):
+        checks = check_communicator(Communicator.solo(), 256, torch.float32, device="cpu")
+    assert checks and all(c.ok for c in checks), checks
 
 
 def test_solo_communicator_without_process_group():

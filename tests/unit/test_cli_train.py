@@ -121,3 +121,32 @@ def test_prepare_then_train_on_packed_documents(tmp_path, capsys):
     # The tokenizer's vocabulary must fit the model's.
     with pytest.raises(ValueError, match=r"vocab_size=257 > model.vocab_size=96"):
         main(["train", "--config", str(TINY), *overrides[:-2], "model.vocab_size=96", "train.steps=1"])
+
+
+def test_linear_backend_reaches_the_kernel_and_mfu_over_peak_does_not_stop_a_run(tmp_path, monkeypatch, capsys):
+    """parallel.linear_backend is the kernel the linear layers call (a spy stands in for fla, which is not
+    installed here); an MFU above 100% (a peak of 1e-9 TFLOP/s) is reported in the rows and the log, not raised."""
+    from distseq.kernels.linear_attention import chunk_linear_attention
+    from distseq.parallel.sequence import _linear
+    from distseq.train import trainer
+
+    calls = []
+
+    def spy(name):
+        def kernel(*args, **kwargs):
+            calls.append(name)
+            return chunk_linear_attention(*args, **kwargs)
+
+        kernel.__name__ = f"spy_{name}"
+        return kernel
+
+    monkeypatch.setattr(_linear, "linear_attention_backend", spy)
+    monkeypatch.setattr(trainer, "linear_attention_backend", spy)
+    overrides = [*SHORT, "parallel.sp=1", "parallel.linear_backend=fla", "train.steps=2", "metrics.peak_tflops=1e-9"]
+    assert main(["train", "--config", str(TINY), *overrides, f"output_dir={tmp_path}"]) == 0
+    assert calls and set(calls) == {"fla"}
+    out = capsys.readouterr().out
+    assert "linear layers: lasp2 with spy_fla (parallel.linear_backend=fla)" in out
+    assert out.count("warning: MFU above 100%") == 1
+    rows = [json.loads(line) for line in (tmp_path / "tiny-hybrid-cpu" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["mfu"] is None and "MFU above 100%" in r["mfu_error"] for r in rows)
