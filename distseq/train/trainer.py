@@ -229,6 +229,8 @@ def _process_group(cfg: RunConfig, backend: str, world: int) -> Iterator[None]:
     """The default process group for the duration (one made here is destroyed after; an existing one is kept)."""
     owns_group = not dist.is_initialized()
     if owns_group:
+        if backend == "nccl":  # a stuck collective tears the process down, with what hung in the log
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
         timeout = timedelta(seconds=cfg.parallel.collective_timeout_s)
         if world == 1 and "MASTER_ADDR" not in os.environ:  # a plain `python -m distseq train`
             # An explicit address rather than environment variables, which would outlive the run (a later
