@@ -414,10 +414,10 @@ def _sequence_parallel(cfg, dims, *, seq_len, micro_batch, grad_accum, softmax, 
 
 
 def _short_conv(cfg, dims, seq_len, micro_batch, grad_accum, layout, s, checkpointing) -> list[dict]:
-    """The short convolutions' halo exchange: ``(P-1) nc (W-1) B C s`` each way per layer (all-gather of the
-    chunk tails forward, reduce-scatter of their gradients backward), the same on every sp rank."""
+    """The short convolutions' halo exchange: one tail of ``W-1`` tokens (``(W-1) B C s`` bytes) per boundary
+    between this rank's chunk and another rank's: forward to the next chunk's owner, its gradient backward, so
+    sp rank ``r`` sends ``b_next(r)`` tails and receives ``b_prev(r)`` forward (the backward the other way)."""
     head_dim, heads, kv_heads = cfg.head_dim, cfg.num_heads // dims.tp, cfg.num_kv_heads // dims.tp
-    chunks = len(SequenceLayout(layout, seq_len, dims.sp, 0).local_chunks())
     # Mamba2 convolves x and its B and C (every group's on each tp rank unless tp divides mamba_groups)
     groups = cfg.mamba_groups // dims.tp if cfg.mamba_groups % dims.tp == 0 else cfg.mamba_groups
     out = []
@@ -430,19 +430,26 @@ def _short_conv(cfg, dims, seq_len, micro_batch, grad_accum, layout, s, checkpoi
         layers = cfg.layer_pattern.count(letter) if width > 1 else 0  # width 1 needs no halo
         if not layers:
             continue
-        one = (dims.sp - 1) * chunks * (width - 1) * micro_batch * channels * s
-        per = LayerBytes(one, one, one * (2 if checkpointing else 1), one * (2 if checkpointing else 1))
+        tail = (width - 1) * micro_batch * channels * s
+        again = 2 if checkpointing else 1  # a recomputed forward exchanges its halos again
+        ranks = []
+        for rank in range(dims.sp):
+            chain = _chain_bytes(SequenceLayout(layout, seq_len, dims.sp, rank), tail)
+            ranks.append(
+                LayerBytes(chain.fwd_sent * again, chain.fwd_received * again, chain.bwd_sent, chain.bwd_received)
+            )
+        worst = LayerBytes(*(max(field) for field in zip(*ranks, strict=True)))
         out.append(
             {
                 "kind": kind,
                 "layers": layers,
                 "strategy": "halo",
-                "primitive": "all_gather (chunk tails)",
-                "per_layer": per._asdict(),
-                "rank_dependent": False,
-                "per_sp_rank": [per._asdict()] * dims.sp,
-                "per_step_sent": layers * grad_accum * (per.fwd_sent + per.bwd_sent),
-                "per_step_received": layers * grad_accum * (per.fwd_received + per.bwd_received),
+                "primitive": "send_recv (each chunk's tail to the next chunk's owner)",
+                "per_layer": worst._asdict(),  # per micro-batch, the most any sp rank moves
+                "rank_dependent": len(set(ranks)) > 1,
+                "per_sp_rank": [r._asdict() for r in ranks],
+                "per_step_sent": layers * grad_accum * (worst.fwd_sent + worst.bwd_sent),
+                "per_step_received": layers * grad_accum * (worst.fwd_received + worst.bwd_received),
             }
         )
     return out

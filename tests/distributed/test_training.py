@@ -130,7 +130,11 @@ def test_metrics_log_and_resolved_config(worlds, tmp_path):
         dtype_bytes=4,
     )
     halos = [e for e in plan["communication"]["sequence_parallel"] if e["kind"].startswith("short conv")]
-    assert len(halos) == 2 and sent["conv"] == sum(e["per_step_sent"] for e in halos), (sent, halos)
+    grad_accum = cfg.data.global_batch // cfg.data.micro_batch // 2
+    rank0 = sum(
+        e["layers"] * grad_accum * (e["per_sp_rank"][0]["fwd_sent"] + e["per_sp_rank"][0]["bwd_sent"]) for e in halos
+    )
+    assert len(halos) == 2 and sent["conv"] == rank0, (sent, halos)
     resolved = load_yaml(RunConfig, run / "config.yaml")
     assert resolved.parallel.dp == 2 and resolved.data.seq_len == 64
     # checkpoint.every=2 and the end: step 2 and step 3, the newest two kept

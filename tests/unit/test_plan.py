@@ -234,14 +234,28 @@ def test_plan_short_convolution_halos_by_hand():
     cfg = dataclasses.replace(BIG, short_conv_size=4, short_conv_softmax=True)
     report = plan_report(cfg, dims, layout="zigzag", dtype_bytes=2, **settings)
     softmax, linear, conv_softmax, conv_linear = report["communication"]["sequence_parallel"]
-    # zigzag: 2 chunks per rank, 3 tail tokens each, to 3 other ranks; bf16; channels per tp rank:
-    # softmax q + k + v = (8 + 2 + 2) heads x 128, linear 3 x 8 heads x 128.
+    # One tail of 3 tokens per boundary between ranks, to the next chunk's owner (its gradient back); bf16; channels
+    # per tp rank: softmax q + k + v = (8 + 2 + 2) heads x 128, linear 3 x 8 heads x 128. Zigzag over 4 ranks: the
+    # chain 0 1 2 3 | 3 2 1 0 crosses ranks 6 times; ranks 0 and 3 send 1 tail forward (1 back), ranks 1 and 2 two.
     assert conv_softmax["layers"] == 4 and conv_linear["layers"] == 12
-    assert conv_softmax["per_layer"]["fwd_sent"] == conv_softmax["per_layer"]["bwd_sent"] == 3 * 2 * 3 * 12 * 128 * 2
-    assert conv_linear["per_layer"]["fwd_sent"] == 3 * 2 * 3 * 24 * 128 * 2
-    assert conv_linear["per_step_sent"] == 12 * 4 * 2 * 3 * 2 * 3 * 24 * 128 * 2
-    contiguous = plan_report(cfg, dims, layout="contiguous", dtype_bytes=2, **settings)
-    assert contiguous["communication"]["sequence_parallel"][3]["per_layer"]["fwd_sent"] == 3 * 1 * 3 * 24 * 128 * 2
+    tail_softmax, tail_linear = 3 * 12 * 128 * 2, 3 * 24 * 128 * 2
+    assert [r["fwd_sent"] for r in conv_linear["per_sp_rank"]] == [
+        tail_linear,
+        2 * tail_linear,
+        2 * tail_linear,
+        tail_linear,
+    ]
+    assert conv_softmax["per_layer"]["fwd_sent"] == conv_softmax["per_layer"]["bwd_sent"] == 2 * tail_softmax
+    assert conv_linear["rank_dependent"] and conv_linear["per_step_sent"] == 12 * 4 * 2 * 2 * tail_linear
+    # contiguous: rank r sends forward to r + 1 (none from the last) and backward to r - 1
+    contiguous = plan_report(cfg, dims, layout="contiguous", dtype_bytes=2, **settings)["communication"]
+    per_rank = contiguous["sequence_parallel"][3]["per_sp_rank"]
+    assert [(r["fwd_sent"], r["bwd_sent"]) for r in per_rank] == [
+        (tail_linear, 0),
+        (tail_linear, tail_linear),
+        (tail_linear, tail_linear),
+        (0, tail_linear),
+    ]
     only_linear = dataclasses.replace(cfg, short_conv_softmax=False)
     kinds = [e["kind"] for e in plan_report(only_linear, dims, layout="zigzag", dtype_bytes=2, **settings)[
         "communication"]["sequence_parallel"]]  # fmt: skip
@@ -382,13 +396,14 @@ def test_plan_mamba_and_deltanet_by_hand():
     # Gated DeltaNet: the summaries M (D x D) and N (D x D), fp32, all-gathered forward, reduce-scattered back.
     assert deltanet["per_layer"]["fwd_sent"] == deltanet["per_layer"]["bwd_sent"] == 3 * 2 * 8 * 128 * 256 * 4
     assert "reduce_scatter" in deltanet["primitive"]
-    # Halos, 3 tail tokens per chunk: Mamba2 x (8 heads x 128) plus B and C of its one group per tp rank (64 each).
-    assert entries["short conv (mamba2)"]["per_layer"]["fwd_sent"] == 3 * 2 * 3 * (8 * 128 + 2 * 64) * 2
-    assert entries["short conv (gated deltanet)"]["per_layer"]["fwd_sent"] == 3 * 2 * 3 * 3 * 8 * 128 * 2
+    # Halos, one tail of 3 tokens per boundary between ranks (the busiest zigzag rank sends 2): Mamba2 x (8 heads x
+    # 128) plus B and C of its one group per tp rank (64 each).
+    assert entries["short conv (mamba2)"]["per_layer"]["fwd_sent"] == 2 * 3 * (8 * 128 + 2 * 64) * 2
+    assert entries["short conv (gated deltanet)"]["per_layer"]["fwd_sent"] == 2 * 3 * 3 * 8 * 128 * 2
     # One group whole on every tp rank: its B and C channels are all there.
     whole = plan_report(dataclasses.replace(cfg, mamba_groups=1), dims, linear_strategy="lasp2", **settings)
     conv = {e["kind"]: e for e in whole["communication"]["sequence_parallel"]}["short conv (mamba2)"]
-    assert conv["per_layer"]["fwd_sent"] == 3 * 2 * 3 * (8 * 128 + 2 * 64) * 2
+    assert conv["per_layer"]["fwd_sent"] == 2 * 3 * (8 * 128 + 2 * 64) * 2
     # On Ulysses: q, k, v, beta (bf16) and the gate (fp32) there, the output back; n = 16384, 3/4 of it leaves.
     ulysses = plan_report(cfg, dims, linear_strategy="ulysses", **settings)
     entry = {e["kind"]: e for e in ulysses["communication"]["sequence_parallel"]}["gated deltanet"]

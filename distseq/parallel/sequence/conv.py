@@ -3,16 +3,17 @@
 Linear-attention layers (and, optionally, softmax layers) mix each token with the few before it through a
 depthwise convolution of width ``W`` (usually 4) on their q, k and v projections, as flash-linear-attention's
 layers, Mamba2 and Gated DeltaNet do. Under sequence parallelism the first ``W - 1`` tokens of every chunk
-need the last ``W - 1`` tokens of the chunk before it in sequence order, which another rank holds: each rank
-all-gathers the tails of its chunks (``W - 1`` tokens each) and takes the one before each of its chunks. The
-gather is differentiable (its backward reduce-scatters the tails' gradients to their owners).
+need the last ``W - 1`` tokens of the chunk before it in sequence order, which another rank may hold: the
+owner sends that tail (``W - 1`` tokens) straight to the rank holding the next chunk, one point-to-point message
+per boundary between ranks, and the backward sends each halo's gradient back to the tail's owner.
 
 Packed documents: a token never sees a token of an earlier document (the lags that would cross a document
 start are masked; the masks come from the layout's integer offsets, so nothing is read back from the device).
 
-Communication per rank and call: an all-gather of ``chunks x (W - 1)`` tokens, ``(P - 1) chunks (W - 1) B C s``
-bytes sent forward and the same in the backward (``chunks`` = 1 contiguous, 2 zigzag; ``C`` channels, ``s``
-bytes per element).
+Communication per rank and call: ``b (W - 1) B C s`` bytes, ``b`` the boundaries between this rank's chunks and
+another rank's that the pass crosses (forward: its chunks whose next chunk another rank holds, sent, and whose
+previous chunk another rank holds, received; the backward the other way round): on the contiguous layout 1 each
+way (0 at the ends), on zigzag up to 2 (``C`` channels, ``s`` bytes per element).
 """
 
 from __future__ import annotations
@@ -94,34 +95,53 @@ def causal_conv(
     return out if bias is None else out + bias
 
 
+def _boundaries(layout: SequenceLayout, rank: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The chunk boundaries of ``rank`` that cross to another rank: ``sends`` (local chunk ``c`` whose tail the
+    owner of chunk ``c + 1`` needs) and ``receives`` (local chunk ``c`` whose halo is chunk ``c - 1``'s tail, held
+    elsewhere), each as ``(global chunk, peer rank)``, in sequence order."""
+    owner = {c: r for r in range(layout.sp_size) for c in layout.chunk_indices_of(r)}
+    mine = sorted(layout.chunk_indices_of(rank))
+    sends = [(c, owner[c + 1]) for c in mine if c + 1 < layout.num_chunks and owner[c + 1] != rank]
+    receives = [(c, owner[c - 1]) for c in mine if c > 0 and owner[c - 1] != rank]
+    return sends, receives
+
+
+def _exchange(comm: Communicator, outgoing: list[tuple[torch.Tensor, int, int]], incoming: list[tuple[int, int]], like):
+    """Post every one-sided send ``(tensor, peer, tag)`` and receive ``(peer, tag)`` (shaped ``like``), then wait;
+    returns the received tensors by tag. Each crossing boundary carries one message per direction of the pass,
+    tagged by the boundary (its later chunk), and both ends post in sequence order (NCCL matches by order)."""
+    received = {tag: comm.send_recv(like, comm.rank - peer, tag=tag, send=False).commit() for peer, tag in incoming}
+    sent = [comm.send_recv(t, peer - comm.rank, tag=tag, recv=False).commit() for t, peer, tag in outgoing]
+    out = {tag: exchange.wait()[0] for tag, exchange in received.items()}
+    for exchange in sent:
+        exchange.wait()
+    return out
+
+
 class _Windows(torch.autograd.Function):
     """Each local chunk after the ``halo`` tokens before it in sequence order (zeros before the first):
-    ``[B, n, C]`` -> ``[B, chunks, halo + size, C]``. The tails come from one all-gather; the backward sends
-    their gradients home with one reduce-scatter. One Function rather than an autograd all-gather, so that
-    every rank runs the backward collective even where none of the gathered tails is used (rank 0's first
-    chunk has none before it)."""
+    ``[B, n, C]`` -> ``[B, chunks, halo + size, C]``. A chunk's tail goes straight to the rank holding the chunk
+    after it (one point-to-point message per boundary between ranks); the backward sends each halo's gradient
+    back to the tail's owner the same way. One Function, so every rank runs the backward exchange even where
+    its halos need no gradient."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layout: SequenceLayout, comm: Communicator, halo: int) -> torch.Tensor:
         chunks = layout.local_chunks()
         ctx.layout, ctx.comm, ctx.halo = layout, comm, halo
-        tails = torch.cat([x[:, c.local_slice][:, -halo:] for c in chunks], dim=1)  # [B, chunks * halo, C]
-        gathered = comm.all_gather(tails, dim=1) if comm.size > 1 else tails
-        where = _tail_offsets(layout.kind, layout.sp_size, halo)
+        by_index = {c.index: c for c in chunks}
+        tail = lambda c: x[:, by_index[c].local_slice][:, -halo:].contiguous()  # noqa: E731
+        sends, receives = _boundaries(layout, comm.rank)
+        like = x.new_empty(x.shape[0], halo, x.shape[2])
+        received = _exchange(comm, [(tail(c), peer, c + 1) for c, peer in sends], [(p, c) for c, p in receives], like)
         zeros = x.new_zeros(x.shape[0], halo, x.shape[2])
-        return torch.stack(
-            [
-                torch.cat(
-                    [
-                        zeros if c.index == 0 else gathered[:, where[c.index - 1] : where[c.index - 1] + halo],
-                        x[:, c.local_slice],
-                    ],
-                    dim=1,
-                )
-                for c in chunks
-            ],
-            dim=1,
-        )
+
+        def before(c: int) -> torch.Tensor:
+            if c == 0:
+                return zeros
+            return tail(c - 1) if c - 1 in by_index else received[c]
+
+        return torch.stack([torch.cat([before(c.index), x[:, c.local_slice]], dim=1) for c in chunks], dim=1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -129,26 +149,18 @@ class _Windows(torch.autograd.Function):
         chunks = layout.local_chunks()
         batch, _, _, channels = grad.shape
         grad_x = grad[:, :, halo:].reshape(batch, layout.local_len, channels).clone()
-        where = _tail_offsets(layout.kind, layout.sp_size, halo)
-        grad_gathered = grad.new_zeros(batch, comm.size * len(chunks) * halo, channels)
-        for i, c in enumerate(chunks):
-            if c.index > 0:
-                grad_gathered[:, where[c.index - 1] : where[c.index - 1] + halo] += grad[:, i, :halo]
-        grad_tails = comm.reduce_scatter(grad_gathered, dim=1) if comm.size > 1 else grad_gathered
-        for i, c in enumerate(chunks):
-            grad_x[:, c.local_slice][:, -halo:] += grad_tails[:, i * halo : (i + 1) * halo]
+        position = {c.index: i for i, c in enumerate(chunks)}
+        sends, receives = _boundaries(layout, comm.rank)
+        for c in chunks:  # halos taken from this rank's own previous chunk
+            if c.index > 0 and c.index - 1 in position:
+                grad_x[:, chunks[position[c.index - 1]].local_slice][:, -halo:] += grad[:, position[c.index], :halo]
+        # the reverse pass: a halo's gradient to the tail's owner (tag: the boundary), received where tails left
+        outgoing = [(grad[:, position[c], :halo].contiguous(), peer, c) for c, peer in receives]
+        like = grad.new_empty(batch, halo, channels)
+        returned = _exchange(comm, outgoing, [(peer, c + 1) for c, peer in sends], like)
+        for c, _ in sends:
+            grad_x[:, chunks[position[c]].local_slice][:, -halo:] += returned[c + 1]
         return grad_x, None, None, None
-
-
-@functools.cache
-def _tail_offsets(kind: str, sp_size: int, halo: int) -> dict[int, int]:
-    """Offset of each global chunk's tail in the gathered tails (rank-major, chunks in local order)."""
-    layout = SequenceLayout(kind, 2 * sp_size * max(halo, 1), sp_size, 0)
-    offsets = {}
-    for rank in range(sp_size):
-        for i, index in enumerate(layout.chunk_indices_of(rank)):
-            offsets[index] = (rank * len(layout.chunk_indices_of(rank)) + i) * halo
-    return offsets
 
 
 def _lag_masks(layout: SequenceLayout, halo: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
