@@ -25,6 +25,7 @@ P2P_STRATEGIES = {
     "lasp1": "linear_attention",
     "allscan": "linear_attention",
     "allscan delta": "delta_rule",
+    "conv": "causal_conv1d",  # the short convolutions' halos
 }
 
 
@@ -33,6 +34,8 @@ def _run(name: str, kind: str) -> list[torch.Tensor]:
     p, r = comm.size, comm.rank
     seq_len = 16 * p
     layout = SequenceLayout(kind, seq_len, p, r, [0, 5, 21, seq_len])
+    if name == "conv":
+        return _run_conv(kind)
     strategy_name = name.split()[0]
     options = {"ulysses_degree": 2} if name == "usp" else ({"block": 3} if name.startswith("allscan") else {})
     if strategy_name in ("lasp1", "allscan"):
@@ -53,6 +56,22 @@ def _run(name: str, kind: str) -> list[torch.Tensor]:
         out = strategy.delta_rule(*leaves, layout.shard(beta, 1))
     out.backward(dout)
     return [out.detach(), *(t.grad for t in leaves)]
+
+
+def _run_conv(kind: str) -> list[torch.Tensor]:
+    from distseq import causal_conv1d
+
+    comm = Communicator()
+    p, r = comm.size, comm.rank
+    seq_len = 16 * p
+    layout = SequenceLayout(kind, seq_len, p, r)
+    g = torch.Generator().manual_seed(0)
+    x, dout = (layout.shard(torch.randn(2, seq_len, 6, generator=g, dtype=torch.float64), 1) for _ in range(2))
+    weight = torch.randn(6, 4, generator=g, dtype=torch.float64).requires_grad_()
+    x = x.clone().requires_grad_()
+    out = causal_conv1d(x, weight, comm=comm, layout=layout, cu_seqlens=[0, 5, 21, seq_len])
+    out.backward(dout)
+    return [out.detach(), x.grad, weight.grad]
 
 
 def job_tag_free(name: str, kind: str) -> bool:
