@@ -31,7 +31,8 @@ L2_EPS = 1e-6  # q / sqrt(|q|^2 + eps)
 
 
 def _has_delta_rule(cls: type[SequenceStrategy]) -> bool:
-    return cls.delta_rule is not SequenceStrategy.delta_rule
+    # LASP-2 and All-Scan name their summaries' exchange; Ulysses has its own; LASP-1 neither
+    return cls.delta_rule is not SequenceStrategy.delta_rule and getattr(cls, "delta_exchange", "") is not None
 
 
 def require_delta_rule(strategy: type[SequenceStrategy], name: str) -> None:

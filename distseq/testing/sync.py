@@ -15,7 +15,7 @@ import traceback
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["HOST_SYNC_OPS", "HostSyncError", "HostSyncRecorder", "no_host_sync"]
+__all__ = ["HOST_SYNC_OPS", "HostSyncError", "HostSyncRecorder", "OpLog", "no_host_sync"]
 
 #: ops whose result depends on a value read back to the host (or whose output shape does)
 HOST_SYNC_OPS = frozenset(
@@ -74,3 +74,16 @@ class no_host_sync(HostSyncRecorder):  # noqa: N801 (used as a context manager, 
                 f"{len(self.calls)} host synchronisation(s): {sorted({c[0] for c in self.calls})}; first at:\n{stack}"
             )
         return result
+
+
+class OpLog(TorchDispatchMode):
+    """Appends the name of every op that runs (``aten.bmm``, ...) to ``log``, a list other code may append its own
+    markers to (a communicator's "posted" / "waited"), so a test can assert what ran between them."""
+
+    def __init__(self, log: list[str]):
+        super().__init__()
+        self.log = log
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.log.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))

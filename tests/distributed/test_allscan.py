@@ -20,6 +20,7 @@ from distseq.kernels.linear_attention import naive_recurrent_linear_attention
 from distseq.parallel.comm import Communicator
 from distseq.parallel.layout import SequenceLayout
 from distseq.parallel.sequence.registry import make_strategy
+from distseq.testing.sync import OpLog
 
 HEADS, KEY_DIM, VALUE_DIM = 2, 4, 3
 
@@ -157,16 +158,6 @@ def test_bytes_received_are_a_fraction_of_lasp2s(worlds):
         assert totals == [(hops - (1 if kind == "zigzag" else 0)) * state] * 2
 
 
-class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self, log):
-        super().__init__()
-        self.log = log
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.log.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 def job_overlap(kind):
     """The order of events on each rank: receives posted, local work, then per piece: wait, combine, send."""
     comm = Communicator().view("allscan")
@@ -187,7 +178,7 @@ def job_overlap(kind):
     strategy = make_strategy("allscan", comm, layout, chunk_size=4, block=1)
     q, k, v, _, gate, _, dout = _inputs(32 * p, torch.float64)
     local = [layout.shard(t, 1).requires_grad_() for t in (q, k, v, gate)]
-    with _OpLog(log), torch.no_grad():
+    with OpLog(log), torch.no_grad():
         strategy.linear_attention(*local[:3], gate=local[3])
     return log
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from distseq.kernels.linear_attention import naive_recurrent_linear_attention, value_checks
 from distseq.parallel.comm import Communicator
 from distseq.parallel.layout import SequenceLayout
 from distseq.parallel.sequence.registry import LINEAR_STRATEGIES, make_strategy
-from distseq.testing.sync import HostSyncRecorder, no_host_sync
+from distseq.testing.sync import HostSyncRecorder, OpLog, no_host_sync
 
 AUTOCAST_RATIO = 1.25
 WITH_BASELINE = [*LINEAR_STRATEGIES, "ulysses"]  # the head all-to-all baseline runs linear attention too
@@ -37,18 +36,6 @@ def _run(strategy, layout, q, k, v, gate, dout, decay=None, cu_seqlens=None):
     return out, [None if t is None else t.grad for t in leaves]
 
 
-class _OpLog(TorchDispatchMode):
-    """Appends every op's name to ``log``; the communicator below appends its markers to the same list."""
-
-    def __init__(self, log):
-        super().__init__()
-        self.log = log
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.log.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 def job_overlap(kind):
     comm = Communicator().view("lasp2")
     p, r = comm.size, comm.rank
@@ -67,7 +54,7 @@ def job_overlap(kind):
     layout = SequenceLayout(kind, 32 * p, p, r)
     strategy = make_strategy("lasp2", comm, layout, chunk_size=4)
     q, k, v, gate, dout = _inputs(32 * p)
-    with _OpLog(log):
+    with OpLog(log):
         _run(strategy, layout, q, k, v, gate, dout)
     starts = [i for i, op in enumerate(log) if op == "all_gather started"]
     waits = [i for i, op in enumerate(log) if op == "all_gather waited"]

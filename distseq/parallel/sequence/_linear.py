@@ -235,9 +235,33 @@ class LinearStateStrategy(SequenceStrategy, abc.ABC):
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: torch.Tensor | None) -> torch.Tensor:
         """Each subclass is one exchange schedule."""
 
-    def _delta_rule(self, q, k, v, beta, gate, cu_seqlens, *, exchange: str, block: int | None = None) -> torch.Tensor:
-        """The delta rule with the chunk summaries moved by ``exchange`` (``allgather`` or ``scan``)."""
-        from distseq.parallel.sequence.delta import delta_rule_exchange
+    #: how the delta rule's chunk summaries travel: ``allgather`` (LASP-2), ``scan`` (All-Scan); None: no delta rule
+    delta_exchange: str | None = None
+    #: rows (linear attention) or columns (delta rule) of a state per piece of a scan; None: whole states
+    block: int | None = None
+
+    def delta_rule(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        beta: torch.Tensor,
+        *,
+        gate: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """The gated delta rule over the whole sharded sequence (``distseq.kernels.delta_rule``):
+        ``S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``, ``o_t = S_t^T q_t`` (q not scaled).
+
+        q, k ``[B, n, H, K]``, v ``[B, n, H, V]``, beta and gate (log, -inf resets) ``[B, n, H]``, this rank's
+        tokens in layout order; cu_seqlens global document offsets. Each chunk is summarised as an affine map of
+        the state entering it and the summaries travel as ``delta_exchange`` says (``distseq.parallel.sequence.
+        delta``). Returns ``[B, n, H, V]`` in q's dtype, computed in fp32 (fp64 for fp64) under any autocast;
+        input errors raise ValueError before any collective.
+        """
+        if self.delta_exchange is None:
+            return super().delta_rule(q, k, v, beta, gate=gate, cu_seqlens=cu_seqlens)  # TypeError naming it
+        from distseq.parallel.sequence.delta import delta_rule_exchange  # it builds on this module
 
         check_delta_rule_inputs(q, k, v, beta, gate, None, None, values=False)
         dtype = accumulation_dtype(q.dtype)
@@ -252,8 +276,8 @@ class LinearStateStrategy(SequenceStrategy, abc.ABC):
                 log_gate,
                 chunk_size=self.chunk_size,
                 backend=backend,
-                exchange=exchange,
-                block=block,
+                exchange=self.delta_exchange,
+                block=self.block,
             )
         return out.to(q.dtype)
 

@@ -25,8 +25,6 @@ receives ``(P-1) nc`` states (plus a decay scalar each).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from distseq.parallel.comm import Communicator, P2PExchange
@@ -207,6 +205,7 @@ class AllScan(LinearStateStrategy):
     None sends each state whole)."""
 
     name = "allscan"
+    delta_exchange = "scan"  # the delta rule's entering states along the chain, ``block`` columns per piece
 
     def __init__(
         self,
@@ -232,17 +231,3 @@ class AllScan(LinearStateStrategy):
         intra = local.intra(prefix)  # while the states travel towards this rank
         entering = scan_states(self.comm, self.layout, "decay", states, carries, self.block, pending)
         return intra + local.inter(entering)
-
-    def delta_rule(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        beta: torch.Tensor,
-        *,
-        gate: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | Sequence[int] | None = None,
-    ) -> torch.Tensor:
-        """The gated delta rule (the contract of :meth:`LASP2.delta_rule`) with the chunks' affine summaries
-        ``S_out = M S_in + N`` carried along the pipelined chain, ``block`` columns of the state per piece."""
-        return self._delta_rule(q, k, v, beta, gate, cu_seqlens, exchange="scan", block=self.block)

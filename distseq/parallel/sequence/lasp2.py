@@ -22,7 +22,6 @@ contiguous, 2 zigzag), ``a`` bytes per accumulation element (4; 8 for fp64)): fo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -140,26 +139,7 @@ class LASP2(LinearStateStrategy):
     """LASP-2 linear-attention sequence parallelism on any layout, with decay, gates and documents."""
 
     name = "lasp2"
+    delta_exchange = "allgather"  # the delta rule's chunk summaries: one all-gather (``delta.py``)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: torch.Tensor | None) -> torch.Tensor:
         return _LASP2.apply(q, k, v, log_gate, self.comm, self.layout, self._local, torch.is_grad_enabled())
-
-    def delta_rule(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        beta: torch.Tensor,
-        *,
-        gate: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | Sequence[int] | None = None,
-    ) -> torch.Tensor:
-        """The gated delta rule over the whole sharded sequence (``distseq.kernels.delta_rule``):
-        ``S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``, ``o_t = S_t^T q_t`` (q not scaled).
-
-        q, k ``[B, n, H, K]``, v ``[B, n, H, V]``, beta and gate (log, -inf resets) ``[B, n, H]``, this rank's
-        tokens in layout order; cu_seqlens global document offsets. One all-gather of chunk summaries
-        (``distseq.parallel.sequence.delta``). Returns ``[B, n, H, V]`` in q's dtype, computed in fp32 (fp64 for
-        fp64) under any autocast; input errors raise ValueError before any collective.
-        """
-        return self._delta_rule(q, k, v, beta, gate, cu_seqlens, exchange="allgather")
