@@ -219,7 +219,7 @@ class AllScan(LinearStateStrategy):
         super().__init__(comm, layout, chunk_size=chunk_size, backend=backend)
         if block is not None and block < 1:
             raise ValueError(f"allscan block must be >= 1 (or None for whole states), got {block}")
-        self.block = block
+        self.block: int | None = block
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: torch.Tensor | None) -> torch.Tensor:
         return without_autocast(self._scan, q, k, v, log_gate)
