@@ -187,6 +187,47 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    """Every feasible layout of a run on a cluster, ranked by predicted step time."""
+    from distseq.config import ConfigError, RunConfig, load_yaml
+    from distseq.plan import load_profile, rank_layouts
+
+    try:
+        cfg = load_yaml(RunConfig, args.config, args.overrides)
+        profile = load_profile(args.profile)
+    except (ConfigError, ValueError) as err:
+        print(f"distseq plan: {err}", file=sys.stderr)
+        return 2
+    ranked = rank_layouts(cfg, profile, nodes=args.nodes, gpus_per_node=args.gpus_per_node)
+    if not ranked:
+        print(f"distseq plan: no layout of {cfg.name} fits {args.nodes} x {args.gpus_per_node} GPUs", file=sys.stderr)
+        return 1
+    gib = 2**30
+    cluster = f"{args.nodes} x {args.gpus_per_node} {profile.device} ({profile.name})"
+    print(
+        f"{cfg.name} on {cluster}, N = {cfg.data.seq_len:,}, global batch {cfg.data.global_batch}: {len(ranked)} "
+        f"layouts, predicted by an uncalibrated model (docs/planning.md)"
+    )
+    print(f"{'#':>3}  {'layout':<52}{'ckpt':>5}{'step s':>9}{'compute':>9}{'comm GiB':>10}{'mem GiB':>9}  binding")
+    for i, c in enumerate(ranked[: args.top], 1):
+        p = c.prediction
+        comm = c.report["communication"]["total_per_step_sent"] / gib
+        fits = "" if p.fits else " (does not fit)"
+        print(
+            f"{i:>3}  {c.label:<52}{'yes' if c.checkpointing else 'no':>5}{p.step_s:>9.3f}{p.compute_s:>9.3f}"
+            f"{comm:>10.2f}{p.memory_bytes / gib:>9.1f}  {p.binding}{fits}"
+        )
+    if args.explain:
+        best = ranked[0]
+        print(f"\nwhy #1 ({best.label}, checkpointing {best.checkpointing}):")
+        for kind, seconds in best.prediction.details["compute_by_kind_s"].items():
+            print(f"  compute {kind:<10} {seconds:9.4f} s")
+        for name, seconds in best.prediction.comm_s.items():
+            raw = best.prediction.details["comm_raw_s"].get(name.split(" (")[0].removeprefix("sp "), seconds)
+            print(f"  comm {name:<40} {seconds:9.4f} s exposed ({raw:.4f} s in all)")
+    return 0
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from distseq.train.plot import MatplotlibMissing, default_output, plot_runs
 
@@ -288,6 +329,23 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", default=None, help="a checkpoint directory (default: the run's newest)")
     evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the run's config")
     evaluate.set_defaults(fn=_cmd_eval)
+
+    plan = sub.add_parser(
+        "plan",
+        help="rank every feasible parallel layout of a run on a cluster by predicted step time",
+        description="Every feasible (dp, sp, tp, ep, softmax strategy, linear strategy, layout, activation "
+        "checkpointing) of the run's model and data on NODES x GPUS_PER_NODE GPUs, ranked by a predicted step "
+        "time: FLOPs at a fraction of the device's peak, the dry-run plan's exact bytes over the links each "
+        "process group crosses, overlap where the strategy overlaps. Uncalibrated: see docs/planning.md.",
+    )
+    plan.add_argument("--config", required=True, help="a YAML run config")
+    plan.add_argument("--nodes", type=int, required=True)
+    plan.add_argument("--gpus-per-node", type=int, required=True)
+    plan.add_argument("--profile", default="h100", help="a cluster profile name (h100, h200, a100, b200, ...) or JSON")
+    plan.add_argument("--top", type=int, default=15, help="rows to print")
+    plan.add_argument("--explain", action="store_true", help="the top layout's compute and communication terms")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the config")
+    plan.set_defaults(fn=_cmd_plan)
 
     plot = sub.add_parser(
         "plot",

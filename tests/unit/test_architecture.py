@@ -21,6 +21,7 @@ LAYER = {
     "models": 3,
     "data": 4,
     "train": 4,
+    "plan": 4,
     "testing": 4,
     "cli": 5,
     "launch": 5,
