@@ -538,3 +538,27 @@ def test_megatron_training_step_at_cp2_equals_cp1(worlds):
             assert abs(loss - want) <= TOL * abs(want), got
         assert got["weights"] <= TOL, got
         assert got["moved"] > 1e-3, got  # the optimizer did move the weights
+
+
+def test_packed_offsets_are_read_once_per_batch(monkeypatch):
+    """Every layer gets the same PackedSeqParams: its offsets are read back once, and again only for another batch
+    or after an in-place change of its tensors."""
+    from types import SimpleNamespace
+
+    from distseq.integrations.megatron import attention
+
+    reads = []
+    real = attention._packed_offsets
+    monkeypatch.setattr(attention, "_packed_offsets", lambda p, c: reads.append(1) or real(p, c))
+    cu = torch.tensor([0, 8, 16])
+    params = SimpleNamespace(cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=None, cu_seqlens_kv_padded=None)
+    for _ in range(4):  # four layers
+        assert attention._cached_packed_offsets(params, True) == [0, 8, 16]
+    assert len(reads) == 1
+    cu[1] = 4  # the same tensor changed in place
+    assert attention._cached_packed_offsets(params, True) == [0, 4, 16] and len(reads) == 2
+    other = torch.tensor([0, 4, 16])  # the next batch, equal values, new tensors
+    batch = SimpleNamespace(
+        cu_seqlens_q=other, cu_seqlens_kv=other, cu_seqlens_q_padded=None, cu_seqlens_kv_padded=None
+    )
+    assert attention._cached_packed_offsets(batch, True) == [0, 4, 16] and len(reads) == 3

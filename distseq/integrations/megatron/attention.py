@@ -18,6 +18,7 @@ attention: the ``attention_mask`` tensor is not read (with CP it only holds this
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -135,7 +136,7 @@ class DistseqCoreAttention(nn.Module):
         causal = _mask_kind(self.attn_mask_type if attn_mask_type is None else attn_mask_type)
         p = self.comm.size
         if packed_seq_params is not None and getattr(packed_seq_params, "qkv_format", "thd") == "thd":
-            offsets = _packed_offsets(packed_seq_params, causal)
+            offsets = _cached_packed_offsets(packed_seq_params, causal)
             layout = SequenceLayout("document_zigzag", query.shape[0] * p, p, self.comm.rank)
             q, k, v = (x.unsqueeze(0) for x in (query, key, value))  # [1, t_local, heads, head_dim]
             out = self.strategy.with_layout(layout).attention(
@@ -146,6 +147,38 @@ class DistseqCoreAttention(nn.Module):
         q, k, v = (x.transpose(0, 1) for x in (query, key, value))  # [b, s_local, heads, head_dim]
         out = self.strategy.with_layout(layout).attention(q, k, v, causal=causal, softmax_scale=self.softmax_scale)
         return out.transpose(0, 1).reshape(out.shape[1], out.shape[0], -1)
+
+
+#: the last batch's packed offsets: Megatron hands every layer the same ``PackedSeqParams``, so the offsets are
+#: read back from the device once per batch rather than once per layer. The key holds the offset tensors themselves
+#: (weakly) with their version counters, so a new batch or an in-place change is never served stale offsets.
+_last_packed: list = [None, None]  # key, offsets
+
+
+def _packed_key(params: Any, causal: bool) -> tuple:
+    fields = ("cu_seqlens_q", "cu_seqlens_kv", "cu_seqlens_q_padded", "cu_seqlens_kv_padded")
+    tensors = [getattr(params, f) for f in fields]
+    refs = tuple(weakref.ref(t) if isinstance(t, torch.Tensor) else t for t in tensors)
+    versions = tuple(t._version if isinstance(t, torch.Tensor) else None for t in tensors)
+    return refs, versions, causal
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    (refs_a, versions_a, causal_a), (refs_b, versions_b, causal_b) = a, b
+    same = all(
+        (x() is y()) if isinstance(x, weakref.ref) and isinstance(y, weakref.ref) else x == y
+        for x, y in zip(refs_a, refs_b, strict=True)
+    )
+    return same and versions_a == versions_b and causal_a == causal_b
+
+
+def _cached_packed_offsets(params: Any, causal: bool) -> list[int]:
+    key = _packed_key(params, causal)
+    if _last_packed[0] is not None and _same_key(_last_packed[0], key):
+        return _last_packed[1]
+    offsets = _packed_offsets(params, causal)
+    _last_packed[:] = [key, offsets]
+    return offsets
 
 
 def _packed_offsets(params: Any, causal: bool) -> list[int]:
