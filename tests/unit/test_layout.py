@@ -145,3 +145,14 @@ def test_document_zigzag_errors_name_the_values():
     with pytest.raises(ValueError, match="LASP linear attention needs the sequence in 2P .*3 documents"):
         lay.require_uniform_chunks("LASP linear attention")
     SequenceLayout("document_zigzag", 24, 2, 0, [0, 24]).require_uniform_chunks("one document")  # one size
+
+
+def test_a_strategy_rebinds_to_another_layout_of_the_same_ranks():
+    from distseq.parallel.comm import Communicator
+    from distseq.parallel.sequence.registry import make_strategy
+
+    ring = make_strategy("ring", Communicator.solo(), SequenceLayout("zigzag", 16, 1, 0))
+    longer = ring.with_layout(SequenceLayout("document_zigzag", 64, 1, 0))
+    assert longer.layout.seq_len == 64 and longer.comm is ring.comm and ring.layout.seq_len == 16
+    with pytest.raises(ValueError, match=r"with_layout keeps the ranks \(sp_rank 0 of 1\), got sp_rank 0 of 2"):
+        ring.with_layout(SequenceLayout("zigzag", 16, 2, 0))
