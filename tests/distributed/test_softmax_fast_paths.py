@@ -150,3 +150,42 @@ def job_ulysses_exchanges():
 def test_ulysses_moves_qkv_in_one_exchange_each_way(worlds):
     for forward_calls, total_calls in worlds(4).run(job_ulysses_exchanges):
         assert (forward_calls, total_calls) == (2, 4)  # q/k/v there, out back; dout there, dq/dk/dv back
+
+
+def job_ulysses_kernel_calls(causal: bool, documents: bool):
+    """Kernel calls of Ulysses on the zigzag layout: the gathered tokens put in sequence order make the whole
+    sequence one call each way (with documents the span plan cuts at their boundaries: several calls)."""
+    from distseq.kernels.attention.backends import ATTENTION_BACKENDS
+
+    comm = Communicator()
+    p, seq_len = comm.size, 16 * comm.size
+    cu = [0, 5, seq_len - 3, seq_len] if documents else None
+    layout = SequenceLayout("zigzag", seq_len, p, comm.rank, cu)
+    q, k, v, dout = _inputs(seq_len, 4, 2, 8, torch.float32)
+    backend = ATTENTION_BACKENDS["sdpa"]
+    calls = {"forward": 0, "backward": 0}
+    forward, backward = backend.forward, backend.backward
+
+    def count(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    backend.forward, backend.backward = count("forward", forward), count("backward", backward)
+    try:
+        strategy = make_strategy("ulysses", comm, layout, attention_backend="sdpa")
+        leaves = [layout.shard(t, 1).detach().requires_grad_() for t in (q, k, v)]
+        strategy.attention(*leaves, causal=causal).backward(layout.shard(dout, 1))
+    finally:
+        backend.forward, backend.backward = forward, backward
+    return calls
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_ulysses_on_zigzag_is_one_kernel_call_each_way(worlds, causal):
+    for calls in worlds(4).run(job_ulysses_kernel_calls, causal, False):
+        assert calls == {"forward": 1, "backward": 1}, calls
+    for calls in worlds(4).run(job_ulysses_kernel_calls, causal, True):
+        assert calls["forward"] > 1, calls

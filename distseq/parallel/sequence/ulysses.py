@@ -14,11 +14,12 @@ backward the same (dout there; dq, dk, dv back).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
 
-from distseq.kernels.attention import accumulation_dtype
+from distseq.kernels.attention import BlockKind, accumulation_dtype
 from distseq.kernels.delta_rule import check_delta_rule_inputs
 from distseq.kernels.linear_attention import check_linear_attention_inputs, checking_values
 from distseq.kernels.linear_attention.backends import linear_attention_backend
@@ -87,23 +88,55 @@ def check_head_sharding(name: str, heads: int, degree: int, axis: str) -> None:
         )
 
 
+@functools.lru_cache(maxsize=64)
+def _gathered_order(kind: str, seq_len: int, sp_size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(to sequence order, back to gathered order): index tensors on ``device`` for the tokens of every rank
+    concatenated in rank order (what the all-to-all gathers) of a layout."""
+    order = SequenceLayout(kind, seq_len, sp_size, 0).global_order()  # global position of each gathered token
+    return torch.argsort(order).to(device), order.to(device)
+
+
+def _in_sequence_order(spec: AttentionSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For a layout whose gathered tokens are out of sequence order (zigzag) and no documents: the index tensors
+    that put them in order, so the whole sequence is one kernel call instead of ``2P x 2P`` span pairs (the
+    contiguous layout is in order already; documents keep the span plan, which cuts at their boundaries, and so
+    does a backend with a span limit)."""
+    layout = spec.layout
+    if layout.sp_size == 1 or layout.kind.value == "contiguous" or spec.doc_offsets is not None:
+        return None
+    if spec.max_span is not None and layout.seq_len > spec.max_span:  # a kernel that tiles (the reference)
+        return None
+    return _gathered_order(layout.kind.value, layout.seq_len, layout.sp_size, str(device))
+
+
 def ulysses_forward(spec, comm, q, k, v, plan):
-    """Head-sharded full-sequence attention: returns (out, lse, q, k, v) in head-shard layout; ``out`` is fp32
-    unless the whole sequence was one kernel call (then the kernel's own output)."""
+    """Head-sharded full-sequence attention: returns (out, lse, q, k, v, reorder) in head-shard layout, in sequence
+    order when ``reorder`` (the index tensors of :func:`_in_sequence_order`) is not None, else in gathered order;
+    ``out`` is fp32 unless the whole sequence was one kernel call (then the kernel's own output)."""
     qh, kh, vh = seq_to_heads(comm, q, k, v)
     whole = single_block(plan, qh.shape[1], kh.shape[1])
     if whole is not None:  # the contiguous layout without documents: one causal call, nothing to merge
-        return *spec.backend.forward(qh, kh, vh, whole[2], spec.scale), qh, kh, vh
+        return *spec.backend.forward(qh, kh, vh, whole[2], spec.scale), qh, kh, vh, None
+    reorder = _in_sequence_order(spec, qh.device)
+    if reorder is not None:  # one copy per tensor buys one kernel call over the whole sequence
+        qh, kh, vh = (x.index_select(1, reorder[0]) for x in (qh, kh, vh))
+        kind = BlockKind.CAUSAL if spec.causal else BlockKind.FULL
+        return *spec.backend.forward(qh, kh, vh, kind, spec.scale), qh, kh, vh, reorder
     out, lse = new_accumulators(qh)
     attend(spec, qh, kh, vh, plan, out, lse, fresh=True)
-    return out, lse, qh, kh, vh
+    return out, lse, qh, kh, vh, None
 
 
-def ulysses_backward(spec, comm, dout_h, qh, kh, vh, out, lse, plan):
-    """(dq, dk, dv) in head-shard layout."""
+def ulysses_backward(spec, comm, dout_h, qh, kh, vh, out, lse, plan, reorder):
+    """(dq, dk, dv) in head-shard layout, gathered order (``dout_h`` in gathered order)."""
     whole = single_block(plan, qh.shape[1], kh.shape[1])
     if whole is not None:
         return spec.backend.backward(dout_h, qh, kh, vh, out, lse, whole[2], spec.scale)
+    if reorder is not None:
+        kind = BlockKind.CAUSAL if spec.causal else BlockKind.FULL
+        dout_h = dout_h.index_select(1, reorder[0])
+        grads = spec.backend.backward(dout_h, qh, kh, vh, out, lse, kind, spec.scale)
+        return [g.index_select(1, reorder[1]) for g in grads]
     dtype = accumulation_dtype(qh.dtype)
     dq = torch.zeros(qh.shape, dtype=dtype, device=qh.device)
     dk, dv = torch.zeros(kh.shape, dtype=dtype, device=kh.device), torch.zeros(vh.shape, dtype=dtype, device=vh.device)
@@ -115,10 +148,11 @@ class _UlyssesAttention(torch.autograd.Function):
     @staticmethod
     @autocast_off
     def forward(ctx, q, k, v, spec: AttentionSpec, comm: Communicator, plan: Plan):
-        out, lse, qh, kh, vh = ulysses_forward(spec, comm, q, k, v, plan)
+        out, lse, qh, kh, vh, reorder = ulysses_forward(spec, comm, q, k, v, plan)
         ctx.save_for_backward(qh, kh, vh, out, lse)
-        ctx.spec, ctx.comm, ctx.plan = spec, comm, plan
-        return heads_to_seq(comm, [out], dtype=q.dtype)[0]
+        ctx.spec, ctx.comm, ctx.plan, ctx.reorder = spec, comm, plan, reorder
+        gathered = out if reorder is None else out.index_select(1, reorder[1])
+        return heads_to_seq(comm, [gathered], dtype=q.dtype)[0]
 
     @staticmethod
     @autocast_off
@@ -126,7 +160,7 @@ class _UlyssesAttention(torch.autograd.Function):
         qh, kh, vh, out, lse = ctx.saved_tensors
         comm = ctx.comm
         (dout_h,) = seq_to_heads(comm, dout)
-        grads = list(ulysses_backward(ctx.spec, comm, dout_h, qh, kh, vh, out, lse, ctx.plan))
+        grads = list(ulysses_backward(ctx.spec, comm, dout_h, qh, kh, vh, out, lse, ctx.plan, ctx.reorder))
         del dout_h
         return *heads_to_seq(comm, grads, dtype=qh.dtype), None, None, None
 
