@@ -69,7 +69,9 @@ class ScanRule:
         return x[..., self.pieces[i], :] if self.axis == -2 else x[..., self.pieces[i]]
 
     def zeros(self, i: int) -> torch.Tensor:
-        return self.piece(self.maps.new_zeros(self.state_shape), i)
+        shape = list(self.state_shape)
+        shape[self.axis] = self.pieces[i].stop - self.pieces[i].start
+        return self.maps.new_zeros(shape)
 
     def step(self, local: int, i: int, entering: torch.Tensor) -> torch.Tensor:
         """Piece ``i`` of the state after local chunk ``local`` from piece ``i`` of the state entering it."""
