@@ -9,8 +9,8 @@ All strategies run on the same inputs (data-dependent gate, so the decay path is
 and a beta for the delta rule) in one spawned world, one after another. LASP-2, All-Scan (``--block`` rows or
 columns of the state per piece) and LASP-1 use the zigzag layout a hybrid model's softmax layers want; Ulysses
 runs the whole sequence per head group. ``--ops linear delta`` picks the operations. Reported per (op,
-strategy, N): the median over repeats of the slowest rank's fwd+bwd time and each rank's bytes sent, forward
-and backward. Writes JSON and a PNG plot to ``benchmarks/results/``.
+strategy, N): the median over repeats of the slowest rank's fwd+bwd time and each rank's bytes sent and
+received, forward and backward. Writes JSON and a PNG plot to ``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def job(ops, seq_lens, batch, heads, key_dim, value_dim, chunk_size, block, repe
                 times = time_fwd_bwd(run, [q, k, v, gate], dout, repeats)
                 strategy.reset_stats()
                 out = run(*(t.detach().requires_grad_() for t in (q, k, v, gate)))
-                fwd = strategy.bytes_sent()
+                fwd, fwd_received = strategy.bytes_sent(), strategy.bytes_received()
                 strategy.reset_stats()
                 out.backward(dout)
                 rows.append(
@@ -77,9 +77,17 @@ def job(ops, seq_lens, batch, heads, key_dim, value_dim, chunk_size, block, repe
                         "times_s": times,
                         "fwd_bytes_sent": fwd,
                         "bwd_bytes_sent": strategy.bytes_sent(),
+                        "fwd_bytes_received": fwd_received,
+                        "bwd_bytes_received": strategy.bytes_received(),
                     }
                 )
     return rows
+
+
+def _most_received(entry: dict) -> int:
+    """The most bytes any rank received over forward and backward."""
+    pairs = zip(entry["fwd_bytes_received_per_rank"], entry["bwd_bytes_received_per_rank"], strict=True)
+    return max(f + b for f, b in pairs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                 "fwd_bwd_all_s": slowest,
                 "fwd_bytes_sent_per_rank": [rk["fwd_bytes_sent"] for rk in ranks],
                 "bwd_bytes_sent_per_rank": [rk["bwd_bytes_sent"] for rk in ranks],
+                "fwd_bytes_received_per_rank": [rk["fwd_bytes_received"] for rk in ranks],
+                "bwd_bytes_received_per_rank": [rk["bwd_bytes_received"] for rk in ranks],
             }
         )
     for e in summary:
@@ -137,11 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         f"dv={args.value_dim}, gated, fp32, allscan block {args.block}; {machine()}"
     )
     plot(summary, args.out.with_suffix(".png"), title, lambda e: f"{e['op']}: {e['strategy']} ({e['layout']})")
-    print(f"{'op':<8}{'strategy':<10}{'N':>8}{'fwd+bwd s':>11}{'vs lasp2':>10}{'fwd KiB':>11}{'bwd KiB':>11}")
+    header = f"{'op':<8}{'strategy':<10}{'N':>8}{'fwd+bwd s':>11}{'vs lasp2':>10}{'fwd KiB':>11}{'bwd KiB':>11}"
+    print(header + f"{'recv KiB (max rank)':>21}")
     for e in summary:
         print(
             f"{e['op']:<8}{e['strategy']:<10}{e['seq_len']:>8}{e['fwd_bwd_median_s']:>11.3f}{e['time_ratio_vs_lasp2']:>10.2f}"
             f"{max(e['fwd_bytes_sent_per_rank']) / 1024:>11.1f}{max(e['bwd_bytes_sent_per_rank']) / 1024:>11.1f}"
+            f"{_most_received(e) / 1024:>21.1f}"
         )
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
