@@ -194,6 +194,24 @@ class SequenceLayout:
             return pair
         return [2 * self.sp_size * doc + c for doc in range(len(self.doc_offsets) - 1) for c in pair]
 
+    def chunk_owners(self) -> list[int]:
+        """The sp rank holding each global chunk, in sequence order."""
+        owner = [0] * self.num_chunks
+        for rank in range(self.sp_size):
+            for c in self.chunk_indices_of(rank):
+                owner[c] = rank
+        return owner
+
+    def chunk_neighbours(self, sp_rank: int) -> list[tuple[int, int | None, int | None]]:
+        """The chunks of ``sp_rank`` in sequence order, each as ``(chunk, owner of the chunk before, owner of the
+        chunk after)`` (None at the sequence's ends): where the chains of LASP-1 and All-Scan and the convolution
+        halos cross from one rank to another."""
+        owner, last = self.chunk_owners(), self.num_chunks - 1
+        return [
+            (c, owner[c - 1] if c > 0 else None, owner[c + 1] if c < last else None)
+            for c in sorted(self.chunk_indices_of(sp_rank))
+        ]
+
     def chunks(self) -> list[int]:
         """Global chunk indices held by this rank, in local order."""
         return self.chunk_indices_of(self.sp_rank)

@@ -158,11 +158,9 @@ def linear_layer_bytes(
 def _chain_bytes(layout: SequenceLayout, state: int) -> LayerBytes:
     """A chain over the chunks in sequence order (LASP-1, All-Scan): a hop between chunks of different ranks moves
     one ``state`` forward (to the next chunk's owner) and its gradient backward (to the previous one's)."""
-    p, r = layout.sp_size, layout.sp_rank
-    owner = {c: j for j in range(p) for c in layout.chunk_indices_of(j)}
-    last = layout.num_chunks - 1
-    to_next = sum(1 for c in layout.chunks() if c < last and owner[c + 1] != r)
-    to_prev = sum(1 for c in layout.chunks() if c > 0 and owner[c - 1] != r)
+    r, steps = layout.sp_rank, layout.chunk_neighbours(layout.sp_rank)
+    to_next = sum(after is not None and after != r for _, _, after in steps)
+    to_prev = sum(before is not None and before != r for _, before, _ in steps)
     return LayerBytes(to_next * state, to_prev * state, to_prev * state, to_next * state)
 
 

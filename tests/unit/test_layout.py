@@ -156,3 +156,12 @@ def test_a_strategy_rebinds_to_another_layout_of_the_same_ranks():
     assert longer.layout.seq_len == 64 and longer.comm is ring.comm and ring.layout.seq_len == 16
     with pytest.raises(ValueError, match=r"with_layout keeps the ranks \(sp_rank 0 of 1\), got sp_rank 0 of 2"):
         ring.with_layout(SequenceLayout("zigzag", 16, 2, 0))
+
+
+def test_chunk_owners_and_neighbours():
+    # zigzag over 3 ranks: chunks 0..5 held by 0 1 2 2 1 0
+    lay = layouts("zigzag", 24, 3)
+    assert lay[0].chunk_owners() == [0, 1, 2, 2, 1, 0]
+    assert lay[0].chunk_neighbours(0) == [(0, None, 1), (5, 1, None)]
+    assert lay[0].chunk_neighbours(2) == [(2, 1, 2), (3, 2, 1)]
+    assert SequenceLayout("contiguous", 24, 3, 0).chunk_neighbours(1) == [(1, 0, 2)]

@@ -42,12 +42,8 @@ def _blocks(size: int, block: int | None) -> list[slice]:
 def _steps(layout: SequenceLayout, rank: int) -> list[tuple[int, int, int | None, int | None]]:
     """This rank's chunks in sequence order: (global chunk, local index, owner of the chunk before or None, owner of
     the chunk after or None)."""
-    owner = {c: r for r in range(layout.sp_size) for c in layout.chunk_indices_of(r)}
     local = layout.chunk_indices_of(rank)
-    last = layout.num_chunks - 1
-    return [
-        (c, local.index(c), owner[c - 1] if c > 0 else None, owner[c + 1] if c < last else None) for c in sorted(local)
-    ]
+    return [(c, local.index(c), before, after) for c, before, after in layout.chunk_neighbours(rank)]
 
 
 class ScanRule:

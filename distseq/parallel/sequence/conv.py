@@ -99,10 +99,9 @@ def _boundaries(layout: SequenceLayout, rank: int) -> tuple[list[tuple[int, int]
     """The chunk boundaries of ``rank`` that cross to another rank: ``sends`` (local chunk ``c`` whose tail the
     owner of chunk ``c + 1`` needs) and ``receives`` (local chunk ``c`` whose halo is chunk ``c - 1``'s tail, held
     elsewhere), each as ``(global chunk, peer rank)``, in sequence order."""
-    owner = {c: r for r in range(layout.sp_size) for c in layout.chunk_indices_of(r)}
-    mine = sorted(layout.chunk_indices_of(rank))
-    sends = [(c, owner[c + 1]) for c in mine if c + 1 < layout.num_chunks and owner[c + 1] != rank]
-    receives = [(c, owner[c - 1]) for c in mine if c > 0 and owner[c - 1] != rank]
+    steps = layout.chunk_neighbours(rank)
+    sends = [(c, after) for c, _, after in steps if after is not None and after != rank]
+    receives = [(c, before) for c, before, _ in steps if before is not None and before != rank]
     return sends, receives
 
 

@@ -21,18 +21,9 @@ from distseq.parallel.sequence._linear import LinearStateStrategy, without_autoc
 __all__ = ["LASP1"]
 
 
-def _owners(layout: SequenceLayout) -> list[int]:
-    """Owner rank of every global chunk."""
-    owner = [0] * layout.num_chunks
-    for r in range(layout.sp_size):
-        for c in layout.chunk_indices_of(r):
-            owner[c] = r
-    return owner
-
-
 def lasp1_forward(comm, layout, states, carries) -> torch.Tensor:
     """Incoming state of each local chunk, passed along the chain of chunks."""
-    owner, local = _owners(layout), layout.chunks()
+    owner, local = layout.chunk_owners(), layout.chunks()
     incoming = [None] * len(local)
     carried = torch.zeros_like(states[0])  # S_c while c's owner is this rank
     for c in range(layout.num_chunks):
@@ -49,7 +40,7 @@ def lasp1_forward(comm, layout, states, carries) -> torch.Tensor:
 
 
 def lasp1_backward(comm, layout, d_incoming, incoming, carries):
-    owner, local = _owners(layout), layout.chunks()
+    owner, local = layout.chunk_owners(), layout.chunks()
     d_states = torch.zeros_like(incoming)
     d_carries = torch.zeros_like(carries)
     grad = None  # g_{c+1}: the gradient of the state after chunk c, while this rank owns c
