@@ -88,11 +88,16 @@ def check_head_sharding(name: str, heads: int, degree: int, axis: str) -> None:
         )
 
 
-@functools.lru_cache(maxsize=64)
-def _gathered_order(kind: str, seq_len: int, sp_size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _gathered_order(layout: SequenceLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(to sequence order, back to gathered order): index tensors on ``device`` for the tokens of every rank
-    concatenated in rank order (what the all-to-all gathers) of a layout."""
-    order = SequenceLayout(kind, seq_len, sp_size, 0).global_order()  # global position of each gathered token
+    concatenated in rank order (what the all-to-all gathers), built once per layout and device."""
+    return _gathered_order_cached(layout.kind.value, layout.seq_len, layout.sp_size, layout.doc_offsets, str(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _gathered_order_cached(kind, seq_len, sp_size, doc_offsets, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    layout = SequenceLayout(kind, seq_len, sp_size, 0, doc_offsets)  # documents place document_zigzag's chunks
+    order = layout.global_order()  # global position of each gathered token
     return torch.argsort(order).to(device), order.to(device)
 
 
@@ -106,7 +111,7 @@ def _in_sequence_order(spec: AttentionSpec, device: torch.device) -> tuple[torch
         return None
     if spec.max_span is not None and layout.seq_len > spec.max_span:  # a kernel that tiles (the reference)
         return None
-    return _gathered_order(layout.kind.value, layout.seq_len, layout.sp_size, str(device))
+    return _gathered_order(layout, device)
 
 
 def ulysses_forward(spec, comm, q, k, v, plan):
@@ -245,8 +250,7 @@ class UlyssesAttention(SequenceStrategy):
         check_head_sharding("ulysses", q.shape[2], self.comm.size, "sp")
         layout = self.layout.with_documents(cu_seqlens)
         comm = self.comm
-        order = layout.global_order(q.device)  # global position of each gathered token
-        natural = torch.argsort(order)
+        natural, order = _gathered_order(layout, q.device)
 
         def to_heads(x: torch.Tensor) -> torch.Tensor:
             return F.all_to_all(x, comm, scatter_dim=2, gather_dim=1)[:, natural]
