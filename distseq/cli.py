@@ -66,7 +66,8 @@ def _cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_job(numel: int, dtype_name: str) -> list[dict]:
+def _check_job(numel: int, dtype_name: str, shapes: dict | None = None) -> tuple[list[dict], dict | None]:
+    """Every primitive's check on this rank; with ``shapes``, also the measured profile."""
     import torch
     import torch.distributed as dist
 
@@ -77,7 +78,40 @@ def _check_job(numel: int, dtype_name: str) -> list[dict]:
     # the device the backend moves: NCCL needs CUDA tensors (distseq check set the device for this rank)
     nccl = dist.is_initialized() and dist.get_backend() == "nccl"
     device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    return [c.as_dict() for c in check_communicator(comm, numel, getattr(torch, dtype_name), device=device)]
+    checks = [c.as_dict() for c in check_communicator(comm, numel, getattr(torch, dtype_name), device=device)]
+    profile = None
+    if shapes is not None:
+        from distseq.plan.measure import ProfileShapes, measure_profile
+
+        compute = torch.bfloat16 if device.type == "cuda" else torch.float32  # what training computes in
+        profile = measure_profile(comm, ProfileShapes(**shapes), dtype=compute, device=device)
+    return checks, profile
+
+
+def _profile_shapes(args: argparse.Namespace) -> dict | None:
+    """The shapes ``--profile`` measures at: a run config's (``--config``) or the defaults."""
+    if args.profile is None:
+        return None
+    if args.config is None:
+        return {}
+    from distseq.config import RunConfig, load_yaml
+
+    cfg = load_yaml(RunConfig, args.config)
+    sp = cfg.parallel.sp if isinstance(cfg.parallel.sp, int) else 1
+    m = cfg.model
+    return {"hidden": m.hidden_size, "heads": m.num_heads, "head_dim": m.head_dim, "tokens": cfg.data.seq_len // sp}
+
+
+def _write_profile(profile: dict, path: str) -> None:
+    Path(path).write_text(json.dumps(profile, indent=1) + "\n")
+    device = next(iter(profile["devices"].values()))
+    link = next(iter(profile["links"].values()))
+    eff = profile["efficiency"]
+    print(
+        f"profile -> {path}: matmul {device['fp32']:.4g} TFLOP/s, attention x{eff['attention']:.3f}, scan "
+        f"x{eff['scan']:.3f}, memory {device['memory_gbps']:.3g} GB/s, {device['call_overhead_us']:.3g} us/call, "
+        f"send_recv {link['gbps']:.3g} GB/s, latency {link['latency_us']:.3g} us, overlap {eff['overlap']:.2f}"
+    )
 
 
 def _report_checks(per_rank: list[list[dict]]) -> int:
@@ -112,16 +146,23 @@ def _cmd_check(args: argparse.Namespace) -> int:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend)
         try:
-            mine = _check_job(args.numel, args.dtype)
+            mine, profile = _check_job(args.numel, args.dtype, _profile_shapes(args))
             gathered: list = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, mine)
             code = _report_checks(gathered) if dist.get_rank() == 0 else 0
+            if profile is not None and dist.get_rank() == 0:
+                _write_profile(profile, args.profile)
         finally:
             dist.destroy_process_group()
         return code
     from distseq.testing import run_distributed
 
-    return _report_checks(run_distributed(_check_job, args.nproc, args.numel, args.dtype, timeout=args.timeout))
+    shapes = _profile_shapes(args)
+    per_rank = run_distributed(_check_job, args.nproc, args.numel, args.dtype, shapes, timeout=args.timeout)
+    code = _report_checks([checks for checks, _ in per_rank])
+    if shapes is not None:
+        _write_profile(per_rank[0][1], args.profile)
+    return code
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -133,7 +174,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"distseq train: {err}", file=sys.stderr)
         return 2
     if args.dry_run:
-        return _dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
+        return _dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), args.gpus_per_node)
     from distseq.train.trainer import run_training
 
     resume = True if args.resume == "latest" else (args.resume or False)
@@ -206,7 +247,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     cluster = f"{args.nodes} x {args.gpus_per_node} {profile.device} ({profile.name})"
     print(
         f"{cfg.name} on {cluster}, N = {cfg.data.seq_len:,}, global batch {cfg.data.global_batch}: {len(ranked)} "
-        f"layouts, predicted by an uncalibrated model (docs/planning.md)"
+        f"layouts, predicted by distseq's cost model (how far to trust it: docs/planning.md)"
     )
     print(f"{'#':>3}  {'layout':<52}{'ckpt':>5}{'step s':>9}{'compute':>9}{'comm GiB':>10}{'mem GiB':>9}  binding")
     for i, c in enumerate(ranked[: args.top], 1):
@@ -244,12 +285,15 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dry_run(cfg, world_size: int) -> int:
-    """The resolved layout, per-rank memory estimate and communication plan; no process group, no model."""
+def _dry_run(cfg, world_size: int, gpus_per_node: int | None = None) -> int:
+    """The resolved layout (``auto`` keys chosen by the planner), per-rank memory estimate and communication plan;
+    no process group, no model."""
     from distseq.train.plan import format_plan, plan_report
-    from distseq.train.trainer import validate
+    from distseq.train.validate import launch_plan
 
-    plan = validate(cfg, world_size)
+    cfg, plan = launch_plan(cfg, world_size, gpus_per_node=gpus_per_node)
+    if plan.auto is not None:
+        print(plan.auto.describe())
     p = cfg.parallel
     bf16 = cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and p.backend != "gloo" and _cuda_available())
     report = plan_report(
@@ -269,7 +313,27 @@ def _dry_run(cfg, world_size: int) -> int:
         activation_checkpointing=cfg.train.activation_checkpointing,
     )
     print(format_plan(report))
+    if p.softmax_strategy_per_batch:
+        print(_per_batch_line(cfg, plan))
     return 0
+
+
+def _per_batch_line(cfg, plan) -> str:
+    """What ``softmax_strategy_per_batch`` predicts for one whole-sequence document and for one document per chunk."""
+    from distseq.parallel.layout import SequenceLayout
+    from distseq.train.validate import softmax_chooser
+
+    chooser = softmax_chooser(cfg, plan)
+    chunk = SequenceLayout(cfg.parallel.layout, cfg.data.seq_len, plan.dims.sp, 0).chunk_size
+    cases = {"one document": None, f"documents of {chunk} tokens": list(range(0, cfg.data.seq_len + 1, chunk))}
+    parts = []
+    for case, cu_seqlens in cases.items():
+        costs = ", ".join(f"{name} {s * 1e3:.4g} ms" for name, s in chooser.costs(cu_seqlens).items())
+        parts.append(f"{case}: {costs} -> {chooser.choose(cu_seqlens)}")
+    return (
+        f"softmax per batch: the fastest of {chooser.strategies} for each batch's documents (profile "
+        f"{plan.profile.name}; predicted per layer, forward and backward): " + "; ".join(parts)
+    )
 
 
 def _cuda_available() -> bool:
@@ -297,6 +361,16 @@ def _build_parser() -> argparse.ArgumentParser:
     check.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     check.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
     check.add_argument("--timeout", type=float, default=300.0, help="seconds before a hang fails the check")
+    check.add_argument(
+        "--profile",
+        metavar="OUT.json",
+        default=None,
+        help="also measure this machine's compute, memory and link rates into a planner profile (distseq plan "
+        "--profile OUT.json)",
+    )
+    check.add_argument(
+        "--config", default=None, help="with --profile: measure at this run config's hidden size, heads and length"
+    )
     check.set_defaults(fn=_cmd_check)
 
     train = sub.add_parser("train", help="train a model from a run config (under torchrun for several ranks)")
@@ -313,6 +387,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the layout, memory estimate and communication plan; no training"
     )
     train.add_argument("--world-size", type=int, default=None, help="ranks to plan for with --dry-run")
+    train.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="ranks per node for --dry-run's parallel auto keys (default: LOCAL_WORLD_SIZE, else one node)",
+    )
     train.set_defaults(fn=_cmd_train)
 
     evaluate = sub.add_parser(

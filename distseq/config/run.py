@@ -16,6 +16,7 @@ from typing import Literal
 from distseq.config.model import ModelConfig
 
 __all__ = [
+    "AUTO",
     "CheckpointConfig",
     "DataConfig",
     "DeepSpeedConfig",
@@ -29,6 +30,9 @@ __all__ = [
 
 SoftmaxStrategy = Literal["ring", "ulysses", "allgather_kv", "token_ring", "usp"]
 LinearStrategy = Literal["lasp2", "lasp1", "allscan", "ulysses"]
+#: a parallel key whose value the planner chooses at launch (``distseq.plan.auto``)
+Auto = Literal["auto"]
+AUTO = "auto"
 
 
 @dataclass(kw_only=True)
@@ -54,24 +58,73 @@ class ParallelConfig:
             ep 1).
         backend: process-group backend; ``auto`` = nccl when CUDA is available, else gloo.
         collective_timeout_s: a collective that does not finish in this time fails the run, naming it.
+        profile: the device and link profile the planner predicts with (for ``auto`` keys and
+            ``softmax_strategy_per_batch``): ``auto`` (the CUDA device's name mapped to ``h100``, ``h100-pcie``,
+            ``h200``, ``h800``, ``a100``, ``a100-pcie`` or ``b200``; on CPU ``distseq/plan/cpu.json``), a profile
+            name of ``distseq plan --profile``, or a JSON file of the same shape.
+        softmax_strategy_per_batch: two or more softmax strategies, all built at start; for each micro-batch the
+            softmax layers run the one with the lowest predicted time for that batch's document lengths
+            (``distseq.plan.batch``). Every strategy is exact, so the choice changes speed, not results. Empty
+            (the default): ``softmax_strategy`` for every batch. ``softmax_strategy`` must be one of the list
+            (it is what the dry run's plan and an ``auto`` layout are predicted with).
+
+    ``auto``: ``dp``, ``sp``, ``tp``, ``ep``, ``softmax_strategy``, ``linear_strategy``, ``layout`` and
+    ``ulysses_degree`` may be ``auto``. At launch (the trainer and ``--dry-run``) the planner ranks every layout of
+    the run's model and data on the world it runs on (``WORLD_SIZE`` ranks, ``LOCAL_WORLD_SIZE`` per node), keeps
+    those that agree with every key that is not ``auto`` and takes the fastest the trainer accepts; once a key is
+    ``auto``, an unset ``dp`` or ``ulysses_degree`` is the planner's choice too. The run directory's
+    ``config.yaml`` holds the resolved values.
     """
 
-    dp: int | None = None
-    sp: int = 1
-    tp: int = 1
-    ep: int = 1
-    softmax_strategy: SoftmaxStrategy = "ring"
-    linear_strategy: LinearStrategy = "lasp2"
+    dp: int | Auto | None = None
+    sp: int | Auto = 1
+    tp: int | Auto = 1
+    ep: int | Auto = 1
+    softmax_strategy: SoftmaxStrategy | Auto = "ring"
+    linear_strategy: LinearStrategy | Auto = "lasp2"
     attention_backend: Literal["auto", "sdpa", "flash_attn", "reference"] = "auto"
     linear_backend: Literal["auto", "torch", "triton", "fla"] = "auto"
-    layout: Literal["contiguous", "zigzag"] = "zigzag"
-    ulysses_degree: int | None = None
+    layout: Literal["contiguous", "zigzag"] | Auto = "zigzag"
+    ulysses_degree: int | Auto | None = None
     data_parallel: Literal["reduce", "ddp", "fsdp", "deepspeed"] = "reduce"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     collective_timeout_s: float = 300.0
+    profile: str = "auto"
+    softmax_strategy_per_batch: list[SoftmaxStrategy] = field(default_factory=list)
+
+    #: the keys that may be ``auto``, in the order the planner's candidates name them
+    AUTO_KEYS = ("dp", "sp", "tp", "ep", "softmax_strategy", "ulysses_degree", "linear_strategy", "layout")
+
+    def __post_init__(self) -> None:
+        choices = self.softmax_strategy_per_batch
+        if choices:
+            repeated = sorted({name for name in choices if choices.count(name) > 1})
+            if len(choices) < 2 or repeated:
+                raise ValueError(
+                    f"parallel.softmax_strategy_per_batch needs two or more different strategies, got {choices}"
+                )
+            if self.softmax_strategy not in (AUTO, *choices):
+                raise ValueError(
+                    f"parallel.softmax_strategy={self.softmax_strategy!r} must be one of "
+                    f"softmax_strategy_per_batch={choices} (or 'auto')"
+                )
+
+    def auto_keys(self) -> list[str]:
+        """The keys set to ``auto``, in :attr:`AUTO_KEYS` order."""
+        return [key for key in self.AUTO_KEYS if getattr(self, key) == AUTO]
+
+    def softmax_strategies(self) -> list[str]:
+        """Every softmax strategy the run builds: ``softmax_strategy`` first, then the per-batch alternatives."""
+        return [self.softmax_strategy, *(s for s in self.softmax_strategy_per_batch if s != self.softmax_strategy)]
 
     def degrees(self, world_size: int) -> dict[str, int]:
         """``{"dp", "sp", "tp", "ep"}`` for ``world_size`` ranks; ValueError naming the numbers if they do not fit."""
+        unresolved = self.auto_keys()
+        if unresolved:
+            raise ValueError(
+                f"parallel keys {unresolved} are 'auto': resolve them first (distseq.plan.auto.resolve_auto; the "
+                "trainer and --dry-run do it at launch)"
+            )
         fixed = {"sp": self.sp, "tp": self.tp, "ep": self.ep}
         bad = {k: v for k, v in fixed.items() if v < 1}
         if bad or (self.dp is not None and self.dp < 1):
@@ -117,6 +170,12 @@ class DataConfig:
             micro-batches are accumulated per step.
         pack_documents: pass the token file's document boundaries to the model (``cu_seqlens``); needs
             micro_batch 1.
+        group_by_length: with packed documents, order the samples of each window of ``group_window`` so that
+            every optimizer step takes samples of similar document lengths (all short documents, or one long
+            one): sorted by their causal attention pairs, cut into steps, the steps shuffled by the seed
+            (``distseq.data.grouping``). Deterministic, and resumable like the plain order.
+        group_window: samples per window of ``group_by_length``, a multiple of ``global_batch``; default
+            ``8 * global_batch``.
         eval_samples: held-out sequences scored by each evaluation (loss, and greedy accuracy at the labelled
             positions: the answers of the synthetic task); 0 = no evaluation.
         eval_path: the held-out token file (``tokens`` only; without it a token run is not evaluated).
@@ -129,6 +188,8 @@ class DataConfig:
     global_batch: int = 8
     micro_batch: int = 1
     pack_documents: bool = False
+    group_by_length: bool = False
+    group_window: int | None = None
     eval_samples: int = 16
     eval_path: str | None = None
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -146,6 +207,21 @@ class DataConfig:
             raise ValueError(
                 f"data.pack_documents needs micro_batch 1 (cu_seqlens describe one sequence), got {self.micro_batch}"
             )
+        if self.group_by_length and not self.pack_documents:
+            raise ValueError("data.group_by_length needs data.pack_documents (it groups samples by their documents)")
+        if self.group_window is not None:
+            if not self.group_by_length:
+                warnings.warn("data.group_window has no effect without data.group_by_length", stacklevel=2)
+            if self.group_window < self.global_batch or self.group_window % self.global_batch:
+                raise ValueError(
+                    f"data.group_window={self.group_window} must be a positive multiple of "
+                    f"global_batch={self.global_batch}"
+                )
+
+    @property
+    def grouping_window(self) -> int:
+        """Samples per window of ``group_by_length``."""
+        return self.group_window if self.group_window is not None else 8 * self.global_batch
 
 
 @dataclass(kw_only=True)
@@ -308,10 +384,18 @@ class RunConfig:
                 f"(sp={deg['sp']}, layout {self.parallel.layout!r})"
             )
         u = self.parallel.ulysses_degree
-        if u is not None and (self.parallel.softmax_strategy != "usp" or deg["sp"] % u):
+        softmax = self.parallel.softmax_strategies()
+        if u is not None and ("usp" not in softmax or deg["sp"] % u):
             raise ValueError(
-                f"parallel.ulysses_degree={u} needs softmax_strategy 'usp' and to divide sp={deg['sp']} "
-                f"(softmax_strategy={self.parallel.softmax_strategy!r})"
+                f"parallel.ulysses_degree={u} needs softmax_strategy 'usp' (or usp in softmax_strategy_per_batch) "
+                f"and to divide sp={deg['sp']} (softmax strategies: {softmax})"
+            )
+        if len(softmax) > 1 and (deg["sp"] == 1 or not self.data.pack_documents):
+            warnings.warn(
+                f"parallel.softmax_strategy_per_batch={self.parallel.softmax_strategy_per_batch} chooses by the "
+                f"batch's documents; with sp={deg['sp']} and data.pack_documents={self.data.pack_documents} every "
+                "batch gets the same choice",
+                stacklevel=2,
             )
         if self.parallel.data_parallel != "reduce" and deg["ep"] > 1:
             raise ValueError(

@@ -7,8 +7,11 @@
   ``main``) with ``importlib.import_module("distseq.data.prepare")``.
 * :class:`ShardedLoader`: per optimizer step, this rank's micro-batches (:class:`Batch`), reading only the
   positions its :class:`~distseq.parallel.layout.SequenceLayout` holds.
+* :class:`LengthGroupedOrder`: the order that puts samples of similar document lengths in the same step
+  (``data.group_by_length``).
 """
 
+from distseq.data.grouping import LengthGroupedOrder
 from distseq.data.loader import Batch, Sample, SampleSource, ShardedLoader, layout_spans
 from distseq.data.prepare import prepare
 from distseq.data.synthetic import RecallTask
@@ -16,6 +19,7 @@ from distseq.data.tokens import TokenFile, TokenFileSource, TokenFileWriter, tok
 
 __all__ = [
     "Batch",
+    "LengthGroupedOrder",
     "RecallTask",
     "Sample",
     "SampleSource",

@@ -8,14 +8,16 @@ asks for the positions it holds.
 Step ``k`` consumes the ``global_batch`` consecutive samples that follow the previous step. Data-parallel rank
 ``r`` takes rows ``[r * G / dp, (r + 1) * G / dp)`` of them and splits its rows into micro-batches of
 ``micro_batch`` rows (``G / (dp * micro_batch)`` gradient-accumulation steps). The position is counted in
-global samples, so a resume under another dp/sp split continues at the same data.
+global samples, so a resume under another dp/sp split continues at the same data. An ``order`` maps each position
+to the sample read there (``distseq.data.grouping``: samples grouped by document lengths); by default position
+``i`` reads sample ``i``.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -77,6 +79,8 @@ class ShardedLoader:
         dp: data-parallel degree; ``dp_rank`` is this rank's coordinate on it.
         layout: which positions of each sample this SP rank holds.
         start_sample: global sample index of the first step.
+        order: position -> sample index (the same function on every rank); None reads position ``i`` as sample
+            ``i``.
 
     A finite source (``num_samples`` set) wraps around: global sample ``i`` reads sample ``i % num_samples``,
     so a step may take the last samples of one epoch and the first of the next.
@@ -92,6 +96,7 @@ class ShardedLoader:
         dp: int = 1,
         dp_rank: int = 0,
         start_sample: int = 0,
+        order: Callable[[int], int] | None = None,
     ):
         if source.seq_len != layout.seq_len:
             raise ValueError(f"source seq_len={source.seq_len} differs from layout seq_len={layout.seq_len}")
@@ -116,6 +121,7 @@ class ShardedLoader:
         self.dp = dp
         self.dp_rank = dp_rank
         self.next_sample = start_sample
+        self.order = order
         self.spans = layout_spans(layout)
 
     @property
@@ -153,7 +159,8 @@ class ShardedLoader:
         return batches
 
     def _micro_batch(self, indices: range) -> Batch:
-        samples = [self.source.sample(i, self.spans) for i in indices]
+        read = indices if self.order is None else map(self.order, indices)
+        samples = [self.source.sample(i, self.spans) for i in read]
         for sample in samples:
             assert sample.input_ids.shape == (self.layout.local_len,), (sample.input_ids.shape, self.layout)
         return Batch(

@@ -17,6 +17,7 @@ a Communicator.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -84,6 +85,16 @@ def _document_offsets(cu_seqlens: torch.Tensor | Sequence[int], seq_len: int) ->
                 f"cu_seqlens must be strictly increasing (no empty documents), got {a} then {b} at index {i}"
             )
     return tuple(offsets)
+
+
+def _pairs_within(offsets: Sequence[int], start: int, end: int) -> int:
+    """Causal pairs of the positions ``[start, end)`` with each other, document by document."""
+    total, doc = 0, bisect_right(offsets, start) - 1
+    while offsets[doc] < end:
+        length = min(end, offsets[doc + 1]) - max(start, offsets[doc])
+        total += length * (length + 1) // 2
+        doc += 1
+    return total
 
 
 class SequenceLayout:
@@ -211,6 +222,26 @@ class SequenceLayout:
             (c, owner[c - 1] if c > 0 else None, owner[c + 1] if c < last else None)
             for c in sorted(self.chunk_indices_of(sp_rank))
         ]
+
+    def causal_pairs(self, q_rank: int, k_rank: int) -> int:
+        """Causal query-key pairs ``k <= q`` inside one document with ``q`` held by ``q_rank`` and ``k`` by
+        ``k_rank``: the attention work of the one rank's queries against the other's keys (a document of ``L``
+        tokens has ``L (L + 1) / 2`` in all). From the chunk spans and document offsets alone."""
+        offsets = self.doc_offsets or (0, self.seq_len)
+        total = 0
+        for q_chunk in self.chunk_indices_of(q_rank):
+            q_start, q_end = self._chunk_span(q_chunk)
+            for k_chunk in self.chunk_indices_of(k_rank):
+                k_start, k_end = self._chunk_span(k_chunk)
+                if k_chunk == q_chunk:
+                    total += _pairs_within(offsets, q_start, q_end)
+                elif k_end <= q_start:
+                    # Only the document holding the first query can reach back into an earlier chunk.
+                    doc = bisect_right(offsets, q_start) - 1
+                    if offsets[doc] < k_end:
+                        keys = k_end - max(k_start, offsets[doc])
+                        total += keys * (min(q_end, offsets[doc + 1]) - q_start)
+        return total
 
     def chunks(self) -> list[int]:
         """Global chunk indices held by this rank, in local order."""

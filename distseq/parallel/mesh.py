@@ -11,6 +11,7 @@ The rank arithmetic (:meth:`ParallelDims.coords`, :meth:`ParallelDims.axis_group
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -92,7 +93,9 @@ class ParallelDims:
 
     def axis_groups(self, axis: MeshAxis | str) -> list[list[int]]:
         """Every group of global ranks along ``axis`` (ranks that differ only in that coordinate)."""
-        axis = MeshAxis(axis)
+        return [list(group) for group in _axis_groups(self, MeshAxis(axis))]
+
+    def _axis_groups(self, axis: MeshAxis) -> tuple[tuple[int, ...], ...]:
         groups: dict[tuple, list[int]] = {}
         for rank in range(self.world_size):
             c = self.coords(rank)
@@ -105,7 +108,7 @@ class ParallelDims:
             else:
                 key = tuple(c[a] for a in (MeshAxis.DP, MeshAxis.SP, MeshAxis.TP) if a is not axis)
             groups.setdefault(key, []).append(rank)
-        return list(groups.values())
+        return tuple(tuple(group) for group in groups.values())
 
     def build_mesh(self, device_type: str = "cpu"):
         """A DeviceMesh with axes ``(dp, sp, tp)`` over the initialised world."""
@@ -149,3 +152,9 @@ class ParallelDims:
 
     def describe(self) -> str:
         return ", ".join(f"{a.value}={self.degree(a)}" for a in MeshAxis) + f" (world_size={self.world_size})"
+
+
+@functools.lru_cache(maxsize=4096)
+def _axis_groups(dims: ParallelDims, axis: MeshAxis) -> tuple[tuple[int, ...], ...]:
+    """:meth:`ParallelDims.axis_groups`, computed once per (degrees, axis): the planner asks for thousands."""
+    return dims._axis_groups(axis)

@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distseq.config.model import ModelConfig
+from distseq.plan.calls import AttentionRates, attention_work, shared_device_seconds
 from distseq.plan.profiles import ClusterProfile, Link
 from distseq.train.metrics import model_flops_per_sequence
 
-__all__ = ["Prediction", "predict_step"]
+__all__ = ["Prediction", "link_seconds", "predict_step"]
 
 #: sequence-parallel strategies whose exchange runs behind the layer's own compute
 _OVERLAPPED = {"ring", "token_ring", "lasp2", "allscan", "usp"}
@@ -51,8 +52,27 @@ def _link(groups: list[list[int]], gpus_per_node: int, profile: ClusterProfile) 
     return (profile.inter if crosses else profile.intra), crosses
 
 
-def _seconds(nbytes: float, messages: float, link: Link, efficiency: float) -> float:
-    return nbytes / (link.gbps * 1e9 * efficiency) + messages * link.latency_us * 1e-6
+def link_seconds(nbytes: float, messages: float, link: Link, efficiency: float, primitive: str = "") -> float:
+    """``nbytes`` over ``link`` at its bandwidth for ``primitive`` times ``efficiency``, plus a latency per message."""
+    return nbytes / (link.bandwidth(primitive) * 1e9 * efficiency) + messages * link.latency_us * 1e-6
+
+
+def _softmax_seconds(cfg: ModelConfig, report: dict[str, Any], profile: ClusterProfile, dtype: str) -> float:
+    """Forward + backward seconds of every softmax layer's kernels for one sequence on the slowest SP rank: the
+    kernel calls of the strategy's own block plans (:mod:`distseq.plan.calls`), on a shared device as
+    :func:`~distseq.plan.calls.shared_device_seconds` says. (The step's communication is priced apart, per
+    category, with the overlap the strategy allows.)"""
+    layers = cfg.layer_pattern.count("A")
+    if not layers:
+        return 0.0
+    inputs, layout = report["inputs"], report["layout"]
+    heads = cfg.num_heads // layout["tp"]
+    per_rank = attention_work(
+        inputs["softmax_strategy"], inputs["layout"], inputs["seq_len"], layout["sp"], heads, inputs["ulysses_degree"]
+    )
+    rates = AttentionRates.of(profile, dtype)
+    times = [sum(w.seconds(cfg.head_dim, rates) for w in steps) for steps in per_rank]
+    return layers * shared_device_seconds(times, profile.ranks_per_device)
 
 
 def predict_step(
@@ -79,17 +99,13 @@ def predict_step(
     forward_passes = 3 + int(checkpointing)  # backward = 2 forwards; checkpointing recomputes one
     kinds = {"matmul": 0.0, "attention": 0.0, "scan": 0.0}
     for name, flops in parts.items():
-        if name in ("weight_matmuls", "total_forward", "total_train"):
+        if name in ("weight_matmuls", "total_forward", "total_train") or name in _ATTENTION:
             continue
-        kind = "attention" if name in _ATTENTION else ("scan" if name in _SCANS else "matmul")
+        kind = "scan" if name in _SCANS else "matmul"
         kinds[kind] += flops * forward_passes * share
-    # Causal attention on the contiguous layout is unbalanced: rank r's queries see r + 1 of the P chunks, so the
-    # slowest rank does 2P / (P + 1) of the mean (the zigzag layout, and Ulysses' whole sequence per head, do not).
-    inputs = report["inputs"]
-    ring = sp // (inputs["ulysses_degree"] or 1) if inputs["softmax_strategy"] == "usp" else sp
-    if inputs["layout"] == "contiguous" and inputs["softmax_strategy"] != "ulysses" and ring > 1:
-        kinds["attention"] *= 2 * ring / (ring + 1)
     compute = {k: v / (peak * eff[k]) for k, v in kinds.items()}
+    compute["attention"] = _softmax_seconds(cfg, report, profile, dtype) * sequences
+    compute["attention"] *= forward_passes / 3
     compute_s = sum(compute.values())
 
     groups = layout["groups"]
@@ -100,23 +116,26 @@ def predict_step(
     layer_compute = compute_s / max(cfg.num_layers, 1)
     for entry in comm["sequence_parallel"]:
         calls = entry["layers"] * grad_accum * 2  # forward and backward
-        seconds = _seconds(entry["per_step_sent"], calls * max(sp - 1, 1), link, eff["link"])
+        seconds = link_seconds(entry["per_step_sent"], calls * max(sp - 1, 1), link, eff["link"], entry["primitive"])
         raw[entry["kind"]] = seconds
-        hidden = entry["layers"] * layer_compute if entry["strategy"] in _OVERLAPPED else 0.0
+        hidden = entry["layers"] * layer_compute * profile.overlap if entry["strategy"] in _OVERLAPPED else 0.0
         exposed[f"sp {entry['kind']} ({entry['strategy']})"] = max(0.0, seconds - hidden)
     for name, axis in (("tensor_parallel", "tp"), ("expert_parallel", "ep")):
         nbytes = comm[name]["per_step"]
         if nbytes:
             axis_link, _ = _link(groups[axis], gpus_per_node, profile)
-            seconds = _seconds(nbytes, cfg.num_layers * grad_accum * 2, axis_link, eff["link"])
+            seconds = link_seconds(
+                nbytes, cfg.num_layers * grad_accum * 2, axis_link, eff["link"], comm[name]["primitive"]
+            )
             raw[name] = exposed[name] = seconds
     gradients = comm["gradients"]["per_step"]
     if gradients:
         grad_link, _ = _link(groups["dp_sp"], gpus_per_node, profile)
-        seconds = _seconds(gradients, 2 * max(layout["dp_sp"] - 1, 1), grad_link, eff["link"])
+        seconds = link_seconds(gradients, 2 * max(layout["dp_sp"] - 1, 1), grad_link, eff["link"], "all_reduce")
         overlapped = report["inputs"]["data_parallel"] in ("ddp", "fsdp", "deepspeed")
         raw["gradients"] = seconds
-        exposed["gradients"] = max(0.0, seconds - (2 / 3) * compute_s) if overlapped else seconds
+        hidden = (2 / 3) * compute_s * profile.overlap if overlapped else 0.0
+        exposed["gradients"] = max(0.0, seconds - hidden)
     step_s = compute_s + sum(exposed.values())
     memory = report["memory"]["total"]
     fits = memory <= profile.memory_bytes

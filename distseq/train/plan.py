@@ -70,8 +70,13 @@ def _acc_bytes(elem_bytes: int) -> int:
 
 
 def _sees(layout: SequenceLayout, q_rank: int, k_rank: int, causal: bool) -> bool:
-    """Does any query of ``q_rank`` attend to any key of ``k_rank`` (one unbroken sequence)?"""
-    return not causal or min(layout.chunk_indices_of(k_rank)) <= max(layout.chunk_indices_of(q_rank))
+    """Does any query of ``q_rank`` attend to any key of ``k_rank`` (within the layout's documents, if any)?"""
+    if not causal and layout.doc_offsets is None:
+        return True
+    if not causal:  # some document holds tokens of both
+        q_docs = {int(d) for d in layout.for_rank(q_rank).document_ids()}
+        return bool(q_docs & {int(d) for d in layout.for_rank(k_rank).document_ids()})
+    return layout.causal_pairs(q_rank, k_rank) > 0
 
 
 def softmax_layer_bytes(
@@ -86,9 +91,10 @@ def softmax_layer_bytes(
     causal: bool = True,
     ulysses_degree: int | None = None,
 ) -> LayerBytes:
-    """Bytes of one softmax-attention layer on rank ``layout.sp_rank`` (docs/communication.md, no packed
-    documents; documents only make token_ring cheaper). ``heads`` / ``kv_heads`` are this rank's heads (after
-    tensor parallelism); ``ulysses_degree`` is needed for ``usp``."""
+    """Bytes of one softmax-attention layer on rank ``layout.sp_rank`` (docs/communication.md). Documents only
+    make token_ring cheaper: with the layout's documents, the partial results it skips between ranks that share no
+    document are not counted. ``heads`` / ``kv_heads`` are this rank's heads (after tensor parallelism);
+    ``ulysses_degree`` is needed for ``usp``."""
     p, r, n = layout.sp_size, layout.sp_rank, layout.local_len
     s, a = elem_bytes, _acc_bytes(elem_bytes)
     kv = 2 * batch * n * kv_heads * head_dim  # K and V elements of this rank
@@ -544,6 +550,22 @@ def _gradients(cfg, params: dict[str, int], dims: ParallelDims, p_bytes: int, mo
     }
 
 
+def _step_totals(dims: ParallelDims, data_parallel: str) -> dict[str, int]:
+    """The trainer's small all-reduces of every step: the labelled-token count (int64) and the loss shares (lm
+    and balance loss, fp32) over dp x sp; and, unless DeepSpeed computes it, the gradient norm's fp64 sums of
+    squares (two over tp, two over ep; the four kinds over dp x sp first under FSDP)."""
+    items = {
+        "step totals over dp_sp (labelled tokens, losses)": _all_reduce(1, dims.dp_sp, 8)
+        + _all_reduce(2, dims.dp_sp, 4)
+    }
+    if data_parallel != "deepspeed":
+        fsdp = _all_reduce(4, dims.dp_sp, 8) if data_parallel == "fsdp" else 0
+        items["gradient norm sums over tp, ep (and dp_sp under fsdp)"] = (
+            fsdp + _all_reduce(2, dims.tp, 8) + _all_reduce(2, dims.ep, 8)
+        )
+    return items
+
+
 def plan_report(
     cfg: ModelConfig,
     dims: ParallelDims,
@@ -651,6 +673,8 @@ def plan_report(
         gradients = _deepspeed_gradients(dims, weights, p_bytes, stage, grad_accum)
     else:
         gradients = _gradients(cfg, params, dims, p_bytes, data_parallel, grad_accum)
+    gradients["items"] |= _step_totals(dims, data_parallel)
+    gradients["per_step"] = sum(gradients["items"].values())
     totals = [
         sum(layer["per_step_sent"] for layer in sequence_parallel),
         tensor_parallel["per_step"],

@@ -3,7 +3,8 @@
 The order matters and is the contract of the command:
 
 1. every check that needs no process group (config, parallel degrees against the world size and the model,
-   sequence divisibility, data source) runs first, so bad input fails before any collective;
+   sequence divisibility, data source) runs first, so bad input fails before any collective; ``auto`` parallel
+   keys are chosen by the planner first (``distseq.train.validate.launch_plan``);
 2. the process group (NCCL on GPU, gloo on CPU) with the configured collective timeout, the mesh and the
    per-axis communicators;
 3. the model, built whole with the run's seed on every rank, then split by the TP/EP plan and wrapped for
@@ -41,18 +42,19 @@ from torch import nn
 
 from distseq.config.loader import dump_yaml, to_dict
 from distseq.config.run import RunConfig
-from distseq.data.loader import ShardedLoader
+from distseq.data.grouping import LengthGroupedOrder
+from distseq.data.loader import Batch, ShardedLoader
 from distseq.kernels.delta_rule import delta_rule_backend
 from distseq.kernels.linear_attention.backends import linear_attention_backend
 from distseq.models.hybrid import IGNORE_INDEX, HybridLM
-from distseq.models.parallelize import check_parallel_dims, check_strategies, parallelize_hybrid
+from distseq.models.parallelize import parallelize_hybrid
 from distseq.parallel.comm import Communicator
 from distseq.parallel.data import data_parallel, reduce_gradients, sum_tp_partial_gradients
 from distseq.parallel.layout import SequenceLayout
-from distseq.parallel.mesh import MeshAxis, ParallelDims
+from distseq.parallel.mesh import MeshAxis
 from distseq.parallel.sequence.context import SequenceParallel
 from distseq.train.checkpoint import CheckpointManager, checkpoint_mesh, param_shards
-from distseq.train.deepspeed_engine import DeepSpeedCheckpoints, ZeroEngine, import_deepspeed
+from distseq.train.deepspeed_engine import DeepSpeedCheckpoints, ZeroEngine
 from distseq.train.metrics import (
     METRICS_FILE,
     MetricsLogger,
@@ -64,6 +66,7 @@ from distseq.train.metrics import (
     summary_line,
 )
 from distseq.train.plot import plot_finished_run
+from distseq.train.validate import RunPlan, launch_plan, make_source, softmax_chooser, validate
 
 __all__ = ["TrainingDiverged", "TrainResult", "run_training", "validate"]
 
@@ -83,76 +86,7 @@ class TrainResult:
     start_step: int = 0
 
 
-# -- 1. checks before any process group ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """The validated run: degrees, layout kind, and the usp degree."""
-
-    dims: ParallelDims
-    ulysses_degree: int | None
-
-
-def validate(cfg: RunConfig, world_size: int) -> _Plan:
-    """Every check that needs no process group; raises ValueError naming the numbers."""
-    deg = cfg.check(world_size)
-    if cfg.parallel.data_parallel == "deepspeed":
-        import_deepspeed()  # installed, or an ImportError saying how
-    dims = ParallelDims(**deg, world_size=world_size)
-    check_parallel_dims(cfg.model, dims)
-    check_strategies(cfg.model, linear=cfg.parallel.linear_strategy)  # gated DeltaNet layers need a delta rule
-    SequenceLayout(cfg.parallel.layout, cfg.data.seq_len, dims.sp, 0)  # sequence divisibility, named
-    ulysses = cfg.parallel.ulysses_degree
-    if cfg.parallel.softmax_strategy == "usp" and ulysses is None:
-        ulysses = math.gcd(dims.sp, cfg.model.num_kv_heads // dims.tp)
-    heads = {"num_heads": cfg.model.num_heads // dims.tp, "num_kv_heads": cfg.model.num_kv_heads // dims.tp}
-    needs_heads = {"ulysses": dims.sp, "usp": ulysses}.get(cfg.parallel.softmax_strategy)
-    if needs_heads and heads["num_heads"] % needs_heads:
-        raise ValueError(
-            f"softmax_strategy {cfg.parallel.softmax_strategy!r} splits heads over {needs_heads} ranks: "
-            f"num_heads/tp = {heads['num_heads']} is not divisible (tp={dims.tp})"
-        )
-    if cfg.parallel.linear_strategy == "ulysses" and heads["num_heads"] % dims.sp:
-        raise ValueError(f"linear_strategy 'ulysses' needs num_heads/tp={heads['num_heads']} divisible by sp={dims.sp}")
-    _make_source(cfg, eval_split=False)  # the data source's own checks (file exists, vocabulary fits)
-    if cfg.data.eval_samples and cfg.data.eval_samples % (dims.dp * cfg.data.micro_batch):
-        raise ValueError(
-            f"data.eval_samples={cfg.data.eval_samples} must be divisible by dp * micro_batch = "
-            f"{dims.dp} * {cfg.data.micro_batch}"
-        )
-    return _Plan(dims, ulysses)
-
-
-def _make_source(cfg: RunConfig, *, eval_split: bool):
-    """The sample source of the run (or of its evaluation); None where there is nothing to evaluate on."""
-    data = cfg.data
-    if data.source == "synthetic":
-        from distseq.data.synthetic import RecallTask
-
-        s = data.synthetic
-        seed = cfg.train.seed + (1_000_003 if eval_split else 0)  # held-out samples for evaluation
-        return RecallTask(
-            data.seq_len,
-            cfg.model.vocab_size,
-            num_pairs=s.num_pairs,
-            num_queries=s.num_queries,
-            num_keys=s.num_keys,
-            num_values=s.num_values,
-            min_pairs=s.min_pairs,
-            seed=seed,
-        )
-    from distseq.data.tokens import TokenFileSource
-
-    path = data.eval_path if eval_split else data.path
-    if path is None:
-        return None
-    source = TokenFileSource(path, data.seq_len, documents=data.pack_documents)
-    if source.file.vocab_size > cfg.model.vocab_size:
-        raise ValueError(
-            f"token file {path!r} has vocab_size={source.file.vocab_size} > model.vocab_size={cfg.model.vocab_size}"
-        )
-    return source
+# -- 1. checks before any process group: distseq.train.validate ----------------------------------------------
 
 
 # -- 2. process group ---------------------------------------------------------------------------------------
@@ -179,7 +113,7 @@ def run_training(cfg: RunConfig, *, resume: bool | str = False) -> TrainResult:
     """Train as ``cfg`` says, in this process (one rank of a torchrun job, or alone); returns rank 0's record."""
     started = time.perf_counter()
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-    plan = validate(cfg, world)
+    cfg, plan = launch_plan(cfg, world, resume=resume)
     device, backend = _device_and_backend(cfg)
     with _process_group(cfg, backend, world):
         run = _Run(cfg, plan, device, resume, started=started)
@@ -208,7 +142,7 @@ def evaluate_lengths(
             data=replace(cfg.data, seq_len=seq_len, eval_samples=samples),
             train=replace(cfg.train, init_from=str(checkpoint)),
         )
-        per_length.append((sized, validate(sized, world)))
+        per_length.append(launch_plan(sized, world))
     device, backend = _device_and_backend(cfg)
     rows = []
     with _process_group(cfg, backend, world):
@@ -257,7 +191,7 @@ def _free_port() -> int:
 class _Run:
     """The state of one run on one rank."""
 
-    def __init__(self, cfg: RunConfig, plan: _Plan, device: torch.device, resume: bool | str, *, started: float):
+    def __init__(self, cfg: RunConfig, plan: RunPlan, device: torch.device, resume: bool | str, *, started: float):
         self.cfg, self.device, self.dims, self.started = cfg, device, plan.dims, started
         self.rank = dist.get_rank()
         if cfg.train.deterministic:
@@ -309,25 +243,40 @@ class _Run:
         self.ckpt: CheckpointManager | DeepSpeedCheckpoints = checkpoints
 
         layout = SequenceLayout(cfg.parallel.layout, cfg.data.seq_len, self.dims.sp, coords[MeshAxis.SP])
-        options = {"attention_backend": cfg.parallel.attention_backend}
-        if cfg.parallel.softmax_strategy == "usp":
-            options["ulysses_degree"] = plan.ulysses_degree
+
+        def softmax_options(name: str) -> dict[str, Any]:
+            options: dict[str, Any] = {"attention_backend": cfg.parallel.attention_backend}
+            if name == "usp":
+                options["ulysses_degree"] = plan.ulysses_degree
+            return options
+
+        # Every per-batch softmax strategy is built here, once, in one order on every rank (usp splits the group).
         self.seq = SequenceParallel.build(
             self.comms[MeshAxis.SP],
             layout,
             softmax=cfg.parallel.softmax_strategy,
             linear=cfg.parallel.linear_strategy,
-            softmax_options=options,
+            softmax_options=softmax_options(cfg.parallel.softmax_strategy),
             linear_options={"backend": cfg.parallel.linear_backend},
+            softmax_choices={name: softmax_options(name) for name in cfg.parallel.softmax_strategies()},
         )
+        self.softmax_chooser = softmax_chooser(cfg, plan) if cfg.parallel.softmax_strategy_per_batch else None
         loader_args = {"layout": layout, "dp": self.dims.dp, "dp_rank": coords[MeshAxis.DP]}
+        source = make_source(cfg, eval_split=False)
         self.loader = ShardedLoader(
-            _make_source(cfg, eval_split=False),
+            source,
             global_batch=cfg.data.global_batch,
             micro_batch=cfg.data.micro_batch,
+            order=(
+                LengthGroupedOrder(
+                    source, global_batch=cfg.data.global_batch, window=cfg.data.grouping_window, seed=cfg.train.seed
+                )
+                if cfg.data.group_by_length
+                else None
+            ),
             **loader_args,
         )
-        eval_source = _make_source(cfg, eval_split=True) if cfg.data.eval_samples else None
+        eval_source = make_source(cfg, eval_split=True) if cfg.data.eval_samples else None
         self.eval_loader = (
             None
             if eval_source is None
@@ -364,8 +313,15 @@ class _Run:
         if "G" in cfg.model.layer_pattern:
             linear_kernel += f", delta rule: {delta_rule_backend(cfg.parallel.linear_backend, device)}"
         if self.rank == 0:
+            if plan.auto is not None:
+                print(plan.auto.describe(), flush=True)
+            elif plan.auto_kept_from is not None:
+                print(f"parallel auto: the layout saved in {plan.auto_kept_from}: {self._degrees()}", flush=True)
+            softmax = self.seq.softmax.name
+            if self.softmax_chooser is not None:
+                softmax = f"per batch the fastest of {self.softmax_chooser.strategies} (profile {plan.profile.name})"
             print(
-                f"softmax layers: {self.seq.softmax.name} with the {kernel.name!r} local attention kernel "
+                f"softmax layers: {softmax} with the {kernel.name!r} local attention kernel "
                 f"(parallel.attention_backend={cfg.parallel.attention_backend}, {self._compute_dtype()} on "
                 f"{device.type}); linear layers: {self.seq.linear.name} with {linear_kernel} "
                 f"(parallel.linear_backend={cfg.parallel.linear_backend})",
@@ -393,6 +349,22 @@ class _Run:
             )
         elif cfg.train.init_from:
             self.logger.event("init_from", step=0, checkpoint=cfg.train.init_from)
+        if plan.auto is not None:
+            self.logger.event("parallel_auto", step=self.step, **plan.auto.event())
+        elif plan.auto_kept_from is not None:
+            kept = {key: getattr(cfg.parallel, key) for key in cfg.parallel.AUTO_KEYS}
+            self.logger.event("parallel_auto", step=self.step, choice=kept, kept_from=plan.auto_kept_from)
+
+    def _context(self, batch: Batch, counts: dict[str, int] | None = None) -> SequenceParallel:
+        """The sequence-parallel context of one micro-batch: its documents and, with a per-batch softmax choice,
+        the strategy predicted fastest for them (the same on every rank of the SP group: global cu_seqlens)."""
+        seq = self.seq.with_documents(batch.cu_seqlens)
+        if self.softmax_chooser is None:
+            return seq
+        name = self.softmax_chooser.choose(batch.cu_seqlens)
+        if counts is not None:
+            counts[name] += 1
+        return seq.with_softmax(name)
 
     # -- resume ----------------------------------------------------------------------------------------
 
@@ -459,8 +431,9 @@ class _Run:
         normalizer = float(max(targets, 1))
         sequences = float(self.cfg.data.global_batch)
         lm, aux = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        counts = None if self.softmax_chooser is None else dict.fromkeys(self.softmax_chooser.strategies, 0)
         for i, batch in enumerate(micro):
-            seq = self.seq.with_documents(batch.cu_seqlens)
+            seq = self._context(batch, counts)
             ids, labels = batch.input_ids.to(self.device), batch.labels.to(self.device)
             with self._sync_context(i == len(micro) - 1), self._autocast():
                 # Both losses are this rank's share of the step's: tokens over all targets, the per-sequence
@@ -498,6 +471,8 @@ class _Run:
             "grad_norm": grad_norm,
             "lr": lr,
             "targets": targets,
+            # this replica's micro-batches by softmax strategy (no collective: rank 0's row shows its replica's)
+            **({} if counts is None else {"softmax_batches": counts}),
         }
 
     def _check_finite(self, loss: float, grad_norm: float | None = None) -> None:
@@ -538,7 +513,7 @@ class _Run:
         self.module.eval()
         try:
             for batch in micro:
-                seq = self.seq.with_documents(batch.cu_seqlens)
+                seq = self._context(batch)
                 ids, labels = batch.input_ids.to(self.device), batch.labels.to(self.device)
                 with self._autocast():
                     out = self.module(

@@ -135,6 +135,13 @@ def test_metrics_log_and_resolved_config(worlds, tmp_path):
         e["layers"] * grad_accum * (e["per_sp_rank"][0]["fwd_sent"] + e["per_sp_rank"][0]["bwd_sent"]) for e in halos
     )
     assert len(halos) == 2 and sent["conv"] == rank0, (sent, halos)
+    # So are the strategies' bytes and the gradient reduction with the step's small totals over dp x sp.
+    for entry in plan["communication"]["sequence_parallel"]:
+        if not entry["kind"].startswith("short conv"):
+            mine = entry["per_sp_rank"][0]
+            want = entry["layers"] * grad_accum * (mine["fwd_sent"] + mine["bwd_sent"])
+            assert sent[f"{entry['kind']}.{entry['strategy']}"] == want, (entry, sent)
+    assert sent["dp_sp"] == plan["communication"]["gradients"]["per_step"], (sent, plan["communication"]["gradients"])
     resolved = load_yaml(RunConfig, run / "config.yaml")
     assert resolved.parallel.dp == 2 and resolved.data.seq_len == 64
     # checkpoint.every=2 and the end: step 2 and step 3, the newest two kept

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 from distseq.cli import main
+from distseq.plan.profiles import load_profile
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,10 +31,22 @@ def test_env_reports_versions(capsys):
     assert set(info["optional"]) >= {"triton", "flash_attn", "deepspeed", "megatron.core"}
 
 
-def test_check_on_spawned_ranks(capsys):
-    assert main(["check", "--nproc", "2", "--numel", "4096", "--timeout", "120"]) == 0
+def test_check_on_spawned_ranks_and_its_measured_profile(capsys, tmp_path):
+    path = tmp_path / "measured.json"
+    config = ROOT / "configs" / "runs" / "tiny-hybrid-cpu.yaml"
+    argv = ["check", "--nproc", "2", "--numel", "4096", "--timeout", "120", "--profile", str(path)]
+    assert main([*argv, "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert "2 rank(s): all checks passed" in out and "all_to_all" in out
+    assert f"profile -> {path}" in out
+    # a profile the planner reads: measured rates, per-collective bandwidths, the tiny config's shapes
+    profile = load_profile(str(path))
+    assert profile.peak_tflops["fp32"] > 0 and profile.memory_gbps > 0 and profile.attention_row_ns >= 0
+    assert set(profile.intra.primitives_gbps) == {"all_gather", "all_to_all", "all_reduce", "send_recv"}
+    assert all(v > 0 for v in profile.intra.primitives_gbps.values()) and profile.intra.latency_us > 0
+    assert 0 <= profile.overlap <= 1 and profile.efficiency["attention"] > 0 and profile.efficiency["scan"] > 0
+    assert profile.ranks_per_device == max(1.0, 2 / len(os.sched_getaffinity(0)))
+    assert "hidden 64, 4 heads x 16, 32 tokens per rank" in json.loads(path.read_text())["_about"]
 
 
 def test_check_under_torchrun():

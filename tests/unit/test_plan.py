@@ -36,10 +36,8 @@ def test_softmax_bytes_match_the_distributed_tests_closed_forms(name, p, elem):
     seq_len, batch, dim = 32, 2, 4  # the shapes of tests/distributed/test_softmax_strategy_comm.py
     degree = (2 if p >= 2 else 1) if name == "usp" else None
     for kind, heads, kv_heads, causal, docs in CASES:
-        if docs is not None:
-            continue  # the plan has no documents
         for rank in range(p):
-            layout = SequenceLayout(kind, seq_len, p, rank)
+            layout = SequenceLayout(kind, seq_len, p, rank, docs)  # documents: token_ring skips partials
             got = softmax_layer_bytes(
                 name,
                 layout,
@@ -51,7 +49,7 @@ def test_softmax_bytes_match_the_distributed_tests_closed_forms(name, p, elem):
                 causal=causal,
                 ulysses_degree=degree,
             )
-            sent, received = expected_bytes(name, layout, batch, heads, kv_heads, dim, elem, causal, None, degree)
+            sent, received = expected_bytes(name, layout, batch, heads, kv_heads, dim, elem, causal, docs, degree)
             assert ((got.fwd_sent, got.bwd_sent), (got.fwd_received, got.bwd_received)) == (sent, received), (
                 kind,
                 heads,
@@ -469,7 +467,8 @@ def test_plan_mixed_precision_params_and_gradients():
     assert autocast["memory"]["total"] - autocast["memory"]["activations"] == 16 * weights
     assert pure["memory"]["total"] - pure["memory"]["activations"] == 16 * weights
     grads = autocast["communication"]["gradients"]
-    assert grads["per_step"] == 2 * 3 * math.ceil(weights / 4) * 4  # dp_sp = 4, fp32
+    totals = 2 * 3 * 8 + 2 * 3 * 4  # the step's token count (int64) and two losses (fp32) over dp_sp = 4
+    assert grads["per_step"] == 2 * 3 * math.ceil(weights / 4) * 4 + totals  # dp_sp = 4, fp32
     assert autocast["communication"]["sequence_parallel"] == pure["communication"]["sequence_parallel"]
 
 
@@ -501,6 +500,7 @@ def test_plan_deepspeed_zero_stages_shard_over_dp_sp(stage):
         assert all(memory[key] == fsdp[key] for key in whole)
     shard, items = 3 * math.ceil(weights / 4) * 4, report["communication"]["gradients"]["items"]
     per_step = {0: 2 * shard, 1: 2 * shard, 2: 3 * shard + shard, 3: 2 * 3 * shard + 3 * shard}[stage]
+    per_step += 2 * 3 * 8 + 2 * 3 * 4  # the step's token count (int64) and two losses (fp32) over dp_sp = 4
     assert sum(items.values()) == report["communication"]["gradients"]["per_step"] == per_step, items
     assert f"deepspeed ZeRO-{stage}" in format_plan(report)
 
