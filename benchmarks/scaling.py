@@ -178,8 +178,10 @@ def _measure_profile(tokens: int) -> dict[str, Any]:
     shapes = ProfileShapes(
         hidden=MODEL["hidden_size"],
         heads=MODEL["num_heads"],
+        kv_heads=MODEL["num_kv_heads"],
         head_dim=MODEL["hidden_size"] // MODEL["num_heads"],
         tokens=tokens,
+        calibration_tokens=tokens // 2,  # the strategies at half the grid's shortest length: outside the grid
     )
     return measure_profile(Communicator(), shapes)
 
@@ -270,7 +272,7 @@ def _plot(points: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def _steps(point: dict[str, Any], steps: int | None) -> int:
-    return steps or (8 if point["seq_len"] <= 4096 else 5 if point["seq_len"] <= 8192 else 3)
+    return steps or (4 if point["seq_len"] <= 8192 else 3)
 
 
 def _row(point: dict[str, Any], cfg: RunConfig, measured: dict[str, Any], profile) -> dict[str, Any]:
@@ -309,10 +311,24 @@ def _run_here(args: argparse.Namespace, points: list[dict[str, Any]]) -> tuple[l
             profile = load_profile(str(profile_path))
         else:
             profile = load_profile(args.profile)
-        for point in points:
-            steps = _steps(point, args.steps)
-            measured = world.run(_measure, point, args.nproc, steps, out)[0]
-            results.append(_row(point, run_config(point, args.nproc, steps, out), measured, profile))
+        # Per length, the points run round-robin, each round a short run of every point: a slow spell of the
+        # shared machine then touches every strategy alike instead of the few that happened to run in it.
+        for n in sorted({p["seq_len"] for p in points}):
+            group = [p for p in points if p["seq_len"] == n]
+            rounds = args.rounds or (3 if n <= 8192 else 2 if n <= 16384 else 1)
+            times: dict[int, list[float]] = {i: [] for i in range(len(group))}
+            last: dict[int, dict] = {}
+            for r in range(rounds):
+                for i, point in enumerate(group):
+                    steps = _steps(point, args.steps)
+                    measured = world.run(_measure, point, args.nproc, steps, f"{out}/round{r}")[0]
+                    times[i] += measured["step_times_s"]
+                    last[i] = measured
+            for i, point in enumerate(group):
+                measured = last[i] | {"step_s": statistics.median(times[i]), "step_times_s": times[i]}
+                results.append(
+                    _row(point, run_config(point, args.nproc, _steps(point, args.steps), out), measured, profile)
+                )
     return results, profile, name
 
 
@@ -360,7 +376,13 @@ def main() -> None:
         "--steps",
         type=int,
         default=None,
-        help="training steps per point, the first not timed (default: 8 up to 4K tokens, 5 up to 8K, 3 beyond)",
+        help="training steps per point and round, the first not timed (default: 4 up to 8K tokens, 3 beyond)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="rounds per length, every point once per round (default: 3 up to 8K tokens, 2 up to 16K, 1 beyond)",
     )
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument(
@@ -400,7 +422,8 @@ def main() -> None:
             "profile_values": dataclasses.asdict(profile),
             "nproc": args.nproc,
             "lengths": args.lengths,
-            "steps": args.steps or "8 up to 4K tokens, 5 up to 8K, 3 beyond (the first not timed)",
+            "steps": args.steps or "4 up to 8K tokens, 3 beyond (the first of each run not timed)",
+            "rounds": args.rounds or "3 up to 8K tokens, 2 up to 16K, 1 beyond (points round-robin per length)",
             "model": MODEL,
             "families": {f: FAMILIES[f] for f in args.families},
             "tie": args.tie,

@@ -99,7 +99,13 @@ def _profile_shapes(args: argparse.Namespace) -> dict | None:
     cfg = load_yaml(RunConfig, args.config)
     sp = cfg.parallel.sp if isinstance(cfg.parallel.sp, int) else 1
     m = cfg.model
-    return {"hidden": m.hidden_size, "heads": m.num_heads, "head_dim": m.head_dim, "tokens": cfg.data.seq_len // sp}
+    return {
+        "hidden": m.hidden_size,
+        "heads": m.num_heads,
+        "kv_heads": m.num_kv_heads,
+        "head_dim": m.head_dim,
+        "tokens": cfg.data.seq_len // sp,
+    }
 
 
 def _write_profile(profile: dict, path: str) -> None:

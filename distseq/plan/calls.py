@@ -197,11 +197,22 @@ def attention_work(
 
 
 def shared_device_seconds(times: list[float], ranks_per_device: float) -> float:
-    """The time of work that takes ``times`` on each rank: the slowest rank's, unless ranks share a device (a CPU
-    running more ranks than cores, ``ranks_per_device > 1``, its per-rank rates measured with every rank busy):
-    then a waiting rank lends its share to the others, and the work takes the mean rank's time, or the slowest
-    rank's alone on the whole device if that is longer."""
-    return max(sum(times) / len(times), max(times) / ranks_per_device)
+    """The time of work that takes ``times`` on each rank when ranks share devices: ``P`` ranks on ``P /
+    ranks_per_device`` devices (a CPU running more ranks than cores), each rank's time measured with every rank
+    busy. The devices are shared fairly among the ranks still working (processor sharing): while ``k`` ranks
+    work, each gets ``min(1, devices / k)`` of one, so a rank that finished early lends its share to the others.
+    With one device per rank (GPUs) this is the slowest rank's time; balanced work takes its own time either way."""
+    p = len(times)
+    devices = p / ranks_per_device
+    if devices >= p:
+        return max(times)
+    remaining = sorted(t / ranks_per_device for t in times)  # in device-seconds: the work alone on one device
+    clock, done = 0.0, 0.0
+    for i, work in enumerate(remaining):
+        share = min(1.0, devices / (p - i))  # of a device, per rank still working
+        clock += (work - done) / share
+        done = work
+    return clock
 
 
 def attention_layer_seconds(

@@ -27,7 +27,7 @@ from distseq.plan.calls import AttentionRates, attention_work, shared_device_sec
 from distseq.plan.profiles import ClusterProfile, Link
 from distseq.train.metrics import model_flops_per_sequence
 
-__all__ = ["Prediction", "link_seconds", "predict_step"]
+__all__ = ["Prediction", "link_seconds", "predict_step", "strategy_key"]
 
 #: sequence-parallel strategies whose exchange runs behind the layer's own compute
 _OVERLAPPED = {"ring", "token_ring", "lasp2", "allscan", "usp"}
@@ -75,6 +75,27 @@ def _softmax_seconds(cfg: ModelConfig, report: dict[str, Any], profile: ClusterP
     return layers * shared_device_seconds(times, profile.ranks_per_device)
 
 
+def strategy_key(kind: str, strategy: str, layout: str, ulysses_degree: int | None = None) -> str:
+    """The key of a layer kind's strategy in a profile's ``strategy_overhead_us``."""
+    name = f"usp{ulysses_degree}" if strategy == "usp" else strategy
+    return f"{kind}/{name}/{layout}"
+
+
+def _strategy_overhead(report: dict[str, Any], profile: ClusterProfile) -> float:
+    """Seconds per step of what a measured profile found each softmax and linear layer's strategy costs beyond the
+    model: a fixed cost per layer and micro-batch (forward + backward), measured at one small size by ``distseq
+    check --profile`` (the steps' synchronisation, dispatch and copies the model does not see)."""
+    if not profile.strategy_overhead_us:
+        return 0.0
+    inputs = report["inputs"]
+    seconds = 0.0
+    for entry in report["communication"]["sequence_parallel"]:
+        if entry["kind"] in ("softmax", "linear"):
+            key = strategy_key(entry["kind"], entry["strategy"], inputs["layout"], inputs["ulysses_degree"])
+            seconds += entry["layers"] * inputs["grad_accum"] * profile.strategy_overhead_us.get(key, 0.0) * 1e-6
+    return seconds
+
+
 def predict_step(
     cfg: ModelConfig,
     report: dict[str, Any],
@@ -106,6 +127,7 @@ def predict_step(
     compute = {k: v / (peak * eff[k]) for k, v in kinds.items()}
     compute["attention"] = _softmax_seconds(cfg, report, profile, dtype) * sequences
     compute["attention"] *= forward_passes / 3
+    compute["strategy overhead"] = _strategy_overhead(report, profile)
     compute_s = sum(compute.values())
 
     groups = layout["groups"]

@@ -38,12 +38,17 @@ __all__ = ["ProfileShapes", "measure_profile"]
 
 @dataclass(frozen=True)
 class ProfileShapes:
+    """What the profile is measured at: the kernels at ``tokens`` per rank, each sequence-parallel strategy's
+    layer at ``calibration_tokens`` per rank (default half of ``tokens``), collectives at ``link_bytes``."""
+
     hidden: int = 256
     heads: int = 4
     head_dim: int = 64
     tokens: int = 2048
     link_bytes: int = 1 << 22
     repeats: int = 5
+    kv_heads: int | None = None  # default: heads
+    calibration_tokens: int | None = None
 
 
 def _slowest_median(comm: Communicator, fn: Callable[[], Any], repeats: int) -> float:
@@ -170,7 +175,7 @@ def measure_profile(
     gbps = links.get("send_recv", 0.0)
     cpu = _cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device)
     source = f"distseq check --profile: {p} rank(s) of {cpu}, {str(dtype).removeprefix('torch.')}"
-    return {
+    profile = {
         "_about": (
             f"Measured by `distseq check --profile` ({source}); shapes: hidden {h}, {shapes.heads} heads x "
             f"{shapes.head_dim}, {n} tokens per rank. Peaks are the measured matmul rate (efficiency 1), the "
@@ -206,6 +211,109 @@ def measure_profile(
             name: {"device": name, "intra": name, "inter": name, "ranks_per_device": _ranks_per_device(p, device)}
         },
     }
+    if p > 1:
+        overheads = _strategy_overheads(comm, shapes, dtype, device, timed, profile, name)
+        profile["devices"][name]["strategy_overhead_us"] = overheads
+    return profile
+
+
+def _calibration_grid(p: int, heads: int, kv_heads: int) -> list[tuple[str, str, str, int | None]]:
+    """(layer kind, strategy, layout, Ulysses degree) of every strategy that runs on ``p`` ranks with these heads."""
+    from distseq.parallel.sequence.registry import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
+
+    grid = []
+    for layout in ("contiguous", "zigzag"):
+        for strategy in SOFTMAX_STRATEGIES:
+            if strategy == "usp":
+                grid += [("softmax", "usp", layout, u) for u in range(2, p) if p % u == 0 and heads % u == 0]
+            elif strategy != "ulysses" or heads % p == 0:
+                grid.append(("softmax", strategy, layout, None))
+        for strategy in [*LINEAR_STRATEGIES, "ulysses"]:
+            if strategy != "ulysses" or heads % p == 0:
+                grid.append(("linear", strategy, layout, None))
+    return grid
+
+
+def _layer_step(comm, kind, strategy, layout, u, seq_len, shapes, dtype, device) -> Callable[[], None]:
+    """One layer of ``strategy`` on every rank of ``comm``, forward + backward (softmax: causal, GQA as the
+    shapes say; linear: with a data-dependent gate, as the models run it)."""
+    from distseq.parallel.layout import SequenceLayout
+    from distseq.parallel.sequence.registry import make_strategy
+
+    options = {"ulysses_degree": u} if u else {}
+    sp = make_strategy(strategy, comm, SequenceLayout(layout, seq_len, comm.size, comm.rank), **options)
+    n = seq_len // comm.size
+    kv_heads = (shapes.kv_heads or shapes.heads) if kind == "softmax" else shapes.heads
+    q = torch.randn(1, n, shapes.heads, shapes.head_dim, dtype=dtype, device=device)
+    k, v = (torch.randn(1, n, kv_heads, shapes.head_dim, dtype=dtype, device=device) for _ in range(2))
+    gate = torch.nn.functional.logsigmoid(torch.randn(1, n, shapes.heads, device=device))
+    dout = torch.randn_like(q)
+
+    def step() -> None:
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        if kind == "softmax":
+            out = sp.attention(*leaves, causal=True)
+        else:
+            out = sp.linear_attention(*leaves, gate=gate.detach().requires_grad_())
+        out.backward(dout)
+
+    return step
+
+
+def _modelled_layer(kind, strategy, layout, u, seq_len, shapes, profile, p, dtype) -> float:
+    """What the cost model charges that one layer: its kernels and its exposed sequence-parallel communication."""
+    from distseq.config.model import ModelConfig
+    from distseq.parallel.mesh import ParallelDims
+    from distseq.plan.cost import predict_step
+    from distseq.train.plan import plan_report
+
+    model = ModelConfig(
+        hidden_size=shapes.heads * shapes.head_dim,
+        num_heads=shapes.heads,
+        num_kv_heads=shapes.kv_heads or shapes.heads,
+        layer_pattern="A" if kind == "softmax" else "L",
+        mlp_pattern="D",
+        linear_gate=True,
+    )
+    report = plan_report(
+        model,
+        ParallelDims(sp=p, world_size=p),
+        seq_len=seq_len,
+        micro_batch=1,
+        grad_accum=1,
+        softmax_strategy=strategy if kind == "softmax" else "ring",
+        linear_strategy=strategy if kind == "linear" else "lasp2",
+        layout=layout,
+        dtype_bytes=dtype.itemsize,
+        ulysses_degree=u,
+    )
+    precision = "fp32" if dtype == torch.float32 else "bf16"
+    prediction = predict_step(
+        model, report, profile, gpus_per_node=p, seq_len=seq_len, global_batch=1, checkpointing=False, dtype=precision
+    )
+    compute = prediction.details["compute_by_kind_s"]["attention" if kind == "softmax" else "scan"]
+    return compute + prediction.comm_s[f"sp {kind} ({strategy})"]
+
+
+def _strategy_overheads(comm, shapes, dtype, device, timed, profile: dict, name: str) -> dict[str, float]:
+    """Per strategy and layout, the microseconds one layer (forward + backward) takes beyond what the model charges
+    it (its kernel calls and exposed communication, on the profile measured so far), at ``calibration_tokens`` per
+    rank: the synchronisation of its steps, dispatch and copies the model does not see. The planner adds it as a
+    fixed cost per layer at every length, so any other length checks the model's extrapolation."""
+    from distseq.plan.cost import strategy_key
+    from distseq.plan.profiles import profile_from_data
+
+    p = comm.size
+    tokens = shapes.calibration_tokens or max(shapes.tokens // 2, 2)
+    tokens -= tokens % 2  # zigzag: two chunks per rank
+    seq_len = tokens * p
+    partial = profile_from_data(profile, name)
+    overheads = {}
+    for kind, strategy, layout, u in _calibration_grid(p, shapes.heads, shapes.kv_heads or shapes.heads):
+        measured = timed(_layer_step(comm, kind, strategy, layout, u, seq_len, shapes, dtype, device))
+        modelled = _modelled_layer(kind, strategy, layout, u, seq_len, shapes, partial, p, dtype)
+        overheads[strategy_key(kind, strategy, layout, u)] = (measured - modelled) * 1e6
+    return overheads
 
 
 def _overlap(comm: Communicator, x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, timed) -> float:

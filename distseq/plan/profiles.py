@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AttentionKernel", "ClusterProfile", "Link", "load_profile", "profile_names"]
+__all__ = ["AttentionKernel", "ClusterProfile", "Link", "load_profile", "profile_from_data", "profile_names"]
 
 DATA = Path(__file__).with_name("profiles.json")
 
@@ -62,8 +62,8 @@ class ClusterProfile:
     intra: Link
     inter: Link
     efficiency: dict[str, float]
-    #: ranks sharing one compute device: 1 on GPUs; on a CPU running more ranks than cores, ranks / cores, so a
-    #: rank that waits lends its core to the others (``distseq check --profile`` records it)
+    #: ranks sharing one compute device: 1 on GPUs; on a CPU running more ranks than cores, ranks / cores, and the
+    #: cores are shared among the ranks still working (``distseq check --profile`` records it)
     ranks_per_device: float = 1.0
     #: fraction of a transfer that can hide behind compute (1 where DMA engines move the bytes; measured on CPUs)
     overlap: float = 1.0
@@ -71,6 +71,11 @@ class ClusterProfile:
     attention_row_ns: float = 0.0
     #: HBM bandwidth in GB/s (elementwise passes run at ``efficiency["memory"]`` of it), where the profile has it
     memory_gbps: float | None = None
+    #: measured profiles: what one layer of each sequence-parallel strategy takes (forward + backward, us) beyond
+    #: the model's kernels and exposed communication, measured at one small size (``distseq check --profile``) and
+    #: charged as a fixed cost per layer and micro-batch; keys ``softmax/<strategy>/<layout>`` (``usp<u>`` for
+    #: usp) and ``linear/<strategy>/<layout>``
+    strategy_overhead_us: dict[str, float] = field(default_factory=dict)
     #: the device's published attention-kernel rates, where ``profiles.json`` has them
     attention_kernel: AttentionKernel | None = None
 
@@ -88,9 +93,13 @@ def load_profile(name_or_path: str) -> ClusterProfile:
     path = Path(name_or_path)
     if path.suffix == ".json" and path.is_file():  # a file of one's own: its first cluster
         data = _read(path)
-        name = next(iter(data["clusters"]))
-    else:
-        data, name = _read(DATA), name_or_path
+        return profile_from_data(data, next(iter(data["clusters"])))
+    return profile_from_data(_read(DATA), name_or_path)
+
+
+def profile_from_data(data: dict[str, Any], name: str) -> ClusterProfile:
+    """Cluster ``name`` of ``data``, a dict in ``profiles.json``'s shape."""
+    name_or_path = name
     clusters = data["clusters"]
     if name not in clusters:
         raise ValueError(f"unknown profile {name_or_path!r}; choose one of {sorted(clusters)} or a JSON file")
@@ -108,6 +117,7 @@ def load_profile(name_or_path: str) -> ClusterProfile:
         efficiency={k: float(v) for k, v in data["efficiency"].items() if k != "overlap"},
         ranks_per_device=float(cluster.get("ranks_per_device", 1.0)),
         attention_row_ns=float(device.get("attention_row_ns", 0.0)),
+        strategy_overhead_us={k: float(v) for k, v in device.get("strategy_overhead_us", {}).items()},
         overlap=float(data["efficiency"].get("overlap", 1.0)),
         memory_gbps=float(device["memory_gbps"]) if "memory_gbps" in device else None,
         attention_kernel=AttentionKernel(**kernel) if kernel else None,

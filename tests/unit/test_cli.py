@@ -47,6 +47,11 @@ def test_check_on_spawned_ranks_and_its_measured_profile(capsys, tmp_path):
     assert 0 <= profile.overlap <= 1 and profile.efficiency["attention"] > 0 and profile.efficiency["scan"] > 0
     assert profile.ranks_per_device == max(1.0, 2 / len(os.sched_getaffinity(0)))
     assert "hidden 64, 4 heads x 16, 32 tokens per rank" in json.loads(path.read_text())["_about"]
+    # every strategy that runs on 2 ranks, on each layout, calibrated (usp needs a degree strictly between 1 and sp)
+    softmax = [f"softmax/{s}" for s in ("ring", "ulysses", "allgather_kv", "token_ring")]
+    linear = [f"linear/{s}" for s in ("lasp2", "lasp1", "allscan", "ulysses")]
+    want = {f"{name}/{layout}" for name in softmax + linear for layout in ("contiguous", "zigzag")}
+    assert set(profile.strategy_overhead_us) == want
 
 
 def test_check_under_torchrun():
