@@ -147,6 +147,12 @@ class AttentionRates:
         rate = profile.peak_tflops[dtype] * 1e12 * profile.efficiency["attention"]
         return cls(rate, rate, rate, rate, backward_factor=2.0, row_s=row_s, memory_bytes_per_s=memory)
 
+    def rate(self, *, backward: bool, causal: bool) -> float:
+        """FLOP/s of a call of this pass and mask."""
+        if backward:
+            return self.backward_causal if causal else self.backward_full
+        return self.forward_causal if causal else self.forward_full
+
 
 @dataclass(frozen=True)
 class RankWork:

@@ -97,18 +97,6 @@ def _attention_rates(shapes, dtype, device, timed) -> tuple[float, float]:
     return rate, max(band, 0.0) / (h * t)
 
 
-def _scan_step(shapes: ProfileShapes, dtype: torch.dtype, device: torch.device) -> Callable[[], None]:
-    from distseq.parallel.layout import SequenceLayout
-    from distseq.parallel.sequence.registry import make_strategy
-
-    strategy = make_strategy("lasp2", Communicator.solo(), SequenceLayout("contiguous", shapes.tokens, 1, 0))
-    shape = (1, shapes.tokens, shapes.heads, shapes.head_dim)
-    q, k, v = (torch.randn(shape, dtype=dtype, device=device, requires_grad=True) for _ in range(3))
-    gate = torch.nn.functional.logsigmoid(torch.randn(1, shapes.tokens, shapes.heads, device=device)).requires_grad_()
-    dout = torch.randn(shape, dtype=dtype, device=device)
-    return lambda: strategy.linear_attention(q, k, v, gate=gate).backward(dout)
-
-
 def _train_flops(shapes: ProfileShapes, layer: str) -> float:
     """Forward + backward FLOPs of one ``layer`` ("A" softmax, "L" linear) as the planner counts them
     (``model_flops_per_sequence``: backward = 2 forwards), so the measured rate is in the planner's units."""
@@ -148,7 +136,9 @@ def measure_profile(
     matmul = 2 * n * h * h / timed(lambda: a @ w) / 1e12
     attention_rate, row_s = _attention_rates(shapes, dtype, device, timed)
     attention = attention_rate / 1e12
-    scan = _train_flops(shapes, "L") / timed(_scan_step(shapes, dtype, device)) / 1e12
+    # the chunked linear attention alone: one LASP-2 layer on a one-rank communicator (nothing to exchange)
+    scan_step = _layer_step(Communicator.solo(), "linear", "lasp2", "contiguous", None, n, shapes, dtype, device)
+    scan = _train_flops(shapes, "L") / timed(scan_step) / 1e12
     big = torch.randn(1 << 24, dtype=torch.float32, device=device)
     other = torch.randn_like(big)
     memory_gbps = 3 * big.numel() * 4 / timed(lambda: big.add_(other)) / 1e9  # two reads, one write

@@ -34,6 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
+from distseq.plan.calls import AttentionRates
+from distseq.plan.cost import link_seconds
 from distseq.plan.profiles import ClusterProfile, Link
 
 __all__ = [
@@ -340,12 +342,8 @@ def build_schedule(
 def kernel_seconds(kernel: Kernel, dims: AttentionDims, profile: ClusterProfile, *, backward: bool) -> float:
     """One call's time: its FLOPs at the rate of its kind (see the module docstring)."""
     peak = profile.peak_tflops["bf16"] * 1e12
-    if kernel.kind == KernelKind.SOFTMAX:
-        published = profile.attention_kernel
-        if published is not None:
-            rate = published.tflops(backward=backward, causal=kernel.causal) * 1e12
-        else:
-            rate = peak * profile.efficiency["attention"]
+    if kernel.kind == KernelKind.SOFTMAX:  # the planner's rates: published by pass and mask, else the efficiency
+        rate = AttentionRates.of(profile).rate(backward=backward, causal=kernel.causal)
     elif kernel.kind == KernelKind.LINEAR_QUADRATIC:
         rate = peak * profile.efficiency["matmul"]
     else:
@@ -354,7 +352,8 @@ def kernel_seconds(kernel: Kernel, dims: AttentionDims, profile: ClusterProfile,
 
 
 def _link_seconds(nbytes: float, link: Link, profile: ClusterProfile) -> float:
-    return nbytes / (link.gbps * 1e9 * profile.efficiency["link"]) + link.latency_us * 1e-6
+    """One message of ``nbytes`` over ``link``, as the planner prices it."""
+    return link_seconds(nbytes, 1, link, profile.efficiency["link"])
 
 
 def message_seconds(message: Message, ring: int, profile: ClusterProfile, gpus_per_node: int) -> float:
