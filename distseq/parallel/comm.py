@@ -204,11 +204,18 @@ class Communicator:
 
     ``Communicator()`` wraps the world group, or is a single-rank communicator whose collectives are
     local no-ops when torch.distributed is not initialised (single-process runs and references).
+
+    ``packs_messages`` says whether several tensors bound for the same ranks should travel packed into one
+    buffer, one collective for all (NCCL: one launch and one large transfer beat several), or each in its own
+    collective, all in flight at once (gloo: packing costs a strided copy per tensor that a message of its own
+    often does without, and gloo's TCP pairs move one large message slower per byte than several smaller ones:
+    ``benchmarks/exchange.py`` measures both). Strategies read it; a test may set it either way.
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None, *, name: str = "world"):
         self.name = name
         self.stats = CommStats()
+        self.packs_messages = True
         if group is None and not dist.is_initialized():
             self.group = None
             self.rank, self.size, self.ranks = 0, 1, [0]
@@ -219,6 +226,7 @@ class Communicator:
             raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of group {name!r}")
         self.size = dist.get_world_size(self.group)
         self.ranks = list(dist.get_process_group_ranks(self.group))
+        self.packs_messages = dist.get_backend(self.group) != "gloo"
 
     @classmethod
     def solo(cls, name: str = "solo") -> Communicator:
@@ -226,6 +234,7 @@ class Communicator:
         comm = cls.__new__(cls)
         comm.name, comm.stats, comm.group = name, CommStats(), None
         comm.rank, comm.size, comm.ranks = 0, 1, [0]
+        comm.packs_messages = True
         return comm
 
     def view(self, name: str) -> Communicator:

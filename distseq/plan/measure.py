@@ -51,19 +51,21 @@ class ProfileShapes:
     calibration_tokens: int | None = None
 
 
+def slowest_seconds(comm: Communicator, fn: Callable[[], Any]) -> float:
+    """Seconds of one ``fn()`` on the slowest rank of ``comm``, the ranks started together."""
+    comm.barrier()
+    start = time.perf_counter()
+    fn()
+    elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+    if comm.size > 1:
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=comm.group)
+    return float(elapsed)
+
+
 def _slowest_median(comm: Communicator, fn: Callable[[], Any], repeats: int) -> float:
     """Seconds of ``fn()``: per repeat the slowest rank's (ranks start together), median over repeats."""
     fn()  # warm-up: allocations, dispatch caches
-    times = []
-    for _ in range(repeats):
-        comm.barrier()
-        start = time.perf_counter()
-        fn()
-        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-        if comm.size > 1:
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=comm.group)
-        times.append(float(elapsed))
-    return statistics.median(times)
+    return statistics.median(slowest_seconds(comm, fn) for _ in range(repeats))
 
 
 def _attention_step(

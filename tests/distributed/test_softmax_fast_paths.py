@@ -1,5 +1,5 @@
 """The fast paths of the softmax strategies: no host synchronisation, fp32 accumulation under autocast, the
-fused backend against the reference inside every strategy, and Ulysses' packed exchanges.
+fused backend against the reference inside every strategy, and Ulysses' exchanges (packed or not).
 
 * Zero syncs: forward and backward of every strategy, both layouts, GQA, documents crossing ranks, sp = 2 and
   4, run inside ``no_host_sync`` (fails on any op that reads a device value back to the host).
@@ -134,22 +134,48 @@ def test_sdpa_backend_equals_reference_backend(worlds, name, dim):
     worlds(4).run(job_backends_agree, name, dim, timeout=300)
 
 
-def job_ulysses_exchanges():
+def job_ulysses_exchanges(name: str):
+    """Ulysses' all-to-alls (USP's inner ones), packed and one per tensor: (forward calls, all calls) of each,
+    whether the two moved the same bytes, and whether their results are bit-equal (GQA that replicates the KV
+    heads at P = 4, a batch of two)."""
     comm = Communicator()
     p = comm.size
     layout = SequenceLayout("zigzag", 8 * p, p, comm.rank)
-    q, k, v, dout = _inputs(8 * p, 4, 2, 8, torch.float32)
-    strategy = make_strategy("ulysses", comm, layout)
-    leaves = [layout.shard(t, 1).detach().requires_grad_() for t in (q, k, v)]
-    out = strategy.attention(*leaves)
-    forward_calls = comm.stats.as_dict()["all_to_all"]["calls"]
-    out.backward(layout.shard(dout, 1))
-    return forward_calls, comm.stats.as_dict()["all_to_all"]["calls"]
+    # a batch of 2: the received buffers are copied out (B = 1 gives views)
+    first, second = (_inputs(8 * p, 4, 2, 8, torch.float32, seed) for seed in (0, 1))
+    q, k, v, dout = (torch.cat(pair) for pair in zip(first, second, strict=True))
+    strategy = make_strategy(name, comm, layout, **_options(name, p))
+    heads = strategy.inner if name == "usp" else comm
+    calls, volume, results = {}, {}, {}
+    for packed in (True, False):
+        heads.packs_messages = packed
+        heads.stats.reset()
+        leaves = [layout.shard(t, 1).detach().requires_grad_() for t in (q, k, v)]
+        out = strategy.attention(*leaves)
+        forward_calls = heads.stats["all_to_all"].calls
+        out.backward(layout.shard(dout, 1))
+        calls[packed] = (forward_calls, heads.stats["all_to_all"].calls)
+        volume[packed] = (heads.stats.bytes_sent, heads.stats.bytes_received)
+        results[packed] = [out.detach(), *(t.grad for t in leaves)]
+    same = all(torch.equal(a, b) for a, b in zip(results[True], results[False], strict=True))
+    return calls, volume[True] == volume[False], same
 
 
-def test_ulysses_moves_qkv_in_one_exchange_each_way(worlds):
-    for forward_calls, total_calls in worlds(4).run(job_ulysses_exchanges):
-        assert (forward_calls, total_calls) == (2, 4)  # q/k/v there, out back; dout there, dq/dk/dv back
+@pytest.mark.parametrize("name", ["ulysses", "usp"])
+def test_ulysses_exchanges_packed_or_one_per_tensor(worlds, name):
+    """Packed (NCCL's default): q/k/v there and out back in one all-to-all each, dout there and dq/dk/dv back in
+    one each. One per tensor (gloo's default): 3 + 1 and 1 + 3. Same bytes, bit-equal results."""
+    for calls, same_bytes, same_results in worlds(4).run(job_ulysses_exchanges, name):
+        assert calls == {True: (2, 4), False: (4, 8)}, calls
+        assert same_bytes and same_results
+
+
+def job_default_packing():
+    return Communicator().packs_messages, Communicator.solo().packs_messages
+
+
+def test_gloo_sends_one_message_per_tensor(worlds):
+    assert worlds(2).run(job_default_packing) == [(False, True)] * 2
 
 
 def job_ulysses_kernel_calls(causal: bool, documents: bool):

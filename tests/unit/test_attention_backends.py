@@ -17,7 +17,12 @@ import pytest
 import torch
 
 from distseq.kernels.attention import BlockKind, block_mask
-from distseq.kernels.attention.backends import ATTENTION_BACKENDS, attention_backend, select_attention_backend
+from distseq.kernels.attention.backends import (
+    ATTENTION_BACKENDS,
+    attention_backend,
+    causal_tiles,
+    select_attention_backend,
+)
 from distseq.kernels.merge import merge_attention
 from distseq.parallel.layout import SequenceLayout
 from distseq.parallel.sequence._blocks import AttentionSpec, block_plan, rank_spans
@@ -40,7 +45,10 @@ def _rel(got, want):
     return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1.0)).item()
 
 
-CASES = list(itertools.product([BlockKind.FULL, BlockKind.CAUSAL], [(4, 4), (4, 2), (4, 1)], [64, 128], [1, 37, 128]))
+# 300: a causal backward long enough to be cut into tiles (causal_tiles), at a length that is no multiple of one
+CASES = list(
+    itertools.product([BlockKind.FULL, BlockKind.CAUSAL], [(4, 4), (4, 2), (4, 1)], [64, 128], [1, 37, 128, 300])
+)
 
 
 @pytest.mark.parametrize(("kind", "heads", "dim", "length"), CASES)
@@ -59,6 +67,39 @@ def test_sdpa_matches_reference(kind, heads, dim, length, dtype):
     for name, got, want in zip("qkv", grads, ref_grads, strict=True):
         assert got.shape == want.shape, name
         assert _rel(got, want) < 2e-6, (name, _rel(got, want))
+
+
+@pytest.mark.parametrize("length", [1, 127, 128, 129, 256, 300, 1000, 1024])
+@pytest.mark.parametrize(("tile", "side"), [(64, 2048), (128, 2048), (64, 200)])
+def test_causal_tiles_cover_the_causal_square_once(length, tile, side):
+    """Every (query, key) pair with key <= query in exactly one piece, no other pair in any; the causal pieces
+    are diagonal squares of at most ``tile``, the full ones at most ``side`` a side."""
+    count = torch.zeros(length, length, dtype=torch.int64)
+    for q0, q1, k0, k1, causal in causal_tiles(length, tile, side):
+        assert 0 <= q0 < q1 <= length and 0 <= k0 < k1 <= length
+        if causal:
+            assert (q0, q1) == (k0, k1) and q1 - q0 <= tile
+            count[q0:q1, k0:k1] += torch.ones(q1 - q0, q1 - q0, dtype=torch.int64).tril()
+        else:
+            assert k1 <= q0 and max(q1 - q0, k1 - k0) <= side  # keys wholly before the queries
+            count[q0:q1, k0:k1] += 1
+    assert torch.equal(count, torch.ones(length, length, dtype=torch.int64).tril())
+
+
+@pytest.mark.parametrize(("length", "heads"), [(256, (2, 2)), (300, (4, 2)), (1000, (3, 1)), (4500, (1, 1))])
+def test_tiled_causal_backward_equals_reference_in_fp64(length, heads):
+    """The fused causal backward of a long block (cut into tiles) against the reference's, fp64: equal to
+    rounding (1e-12 relative), for GQA and lengths off the tile grid."""
+    q, k, v, dout = _tensors(1, length, length, *heads, 32, torch.float64, seed=length)
+    out, lse = REFERENCE.forward(q, k, v, BlockKind.CAUSAL, 0.3)
+    assert _rel(SDPA.forward(q, k, v, BlockKind.CAUSAL, 0.3)[0], out) < 1e-12
+    with no_host_sync():
+        grads = SDPA.backward(dout, q, k, v, out, lse, BlockKind.CAUSAL, 0.3)
+    for name, got, want in zip(
+        "qkv", grads, REFERENCE.backward(dout, q, k, v, out, lse, BlockKind.CAUSAL, 0.3), strict=True
+    ):
+        assert got.dtype == torch.float64 and got.shape == want.shape, name
+        assert _rel(got, want) < 1e-12, (name, _rel(got, want))
 
 
 def _strided_like(x):
@@ -89,19 +130,21 @@ def test_sdpa_reads_any_strides(kind, strided):
 
 @pytest.mark.parametrize("name", ["sdpa", "reference"])
 @pytest.mark.parametrize("heads", [(4, 4), (6, 2)])
-def test_backward_with_merged_out_and_lse(name, heads):
+@pytest.mark.parametrize("n", [24, 300])
+def test_backward_with_merged_out_and_lse(name, heads, n):
     """Two key blocks (past FULL + diagonal CAUSAL) merged: per-block gradients taken with the merged out/lse
-    (or with delta instead of out) sum to the gradients of one attention over both blocks."""
+    (or with delta instead of out) sum to the gradients of one attention over both blocks (n = 300: the fused
+    causal backward runs in tiles)."""
     backend = ATTENTION_BACKENDS[name]
-    q, k, v, dout = _tensors(2, 24, 48, *heads, 16, torch.float64 if name == "reference" else torch.float32)
-    past, diag = slice(0, 24), slice(24, 48)
+    q, k, v, dout = _tensors(2, n, 2 * n, *heads, 16, torch.float64 if name == "reference" else torch.float32)
+    past, diag = slice(0, n), slice(n, 2 * n)
     out_a, lse_a = backend.forward(q, k[:, past], v[:, past], BlockKind.FULL, 0.25)
     out_b, lse_b = backend.forward(q, k[:, diag], v[:, diag], BlockKind.CAUSAL, 0.25)
     out, lse = merge_attention(out_a.double(), lse_a.double(), out_b.double(), lse_b.double())
 
-    # independent: autograd through one masked attention over all 48 keys (query i sits at position 24 + i)
+    # independent: autograd through one masked attention over all 2n keys (query i sits at position n + i)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    mask = block_mask(torch.arange(24, 48), torch.arange(48), causal=True)
+    mask = block_mask(torch.arange(n, 2 * n), torch.arange(2 * n), causal=True)
     qg, kg, vg = leaves
     group = heads[0] // heads[1]
     scores = torch.einsum("bqhd,bkhd->bhqk", qg, kg.repeat_interleave(group, 2)) * 0.25

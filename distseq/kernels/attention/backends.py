@@ -209,19 +209,10 @@ class SDPABackend(AttentionBackend):
         if q.device.type == "cuda":
             return _cuda_flash_backward(dout, q, k, v, out, lse, None, None, q.shape[1], k.shape[1], causal, scale)
         dout, q, k, v, out = (_cpu_compute(x) for x in (dout, q, k, v, out))
-        dtype = accumulation_dtype(q.dtype)
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout.to(q.dtype).transpose(1, 2),
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            out.to(q.dtype).transpose(1, 2),
-            lse.to(dtype),
-            0.0,
-            causal,
-            scale=scale,
-        )
-        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+        dout, out, lse = dout.to(q.dtype), out.to(q.dtype), lse.to(accumulation_dtype(q.dtype))
+        if causal and q.shape[1] >= 2 * _CPU_CAUSAL_TILE:
+            return _cpu_causal_backward_tiled(dout, q, k, v, out, lse, scale)
+        return _cpu_flash_backward(dout, q, k, v, out, lse, causal, scale)
 
     def varlen(self, device):
         return device.type == "cuda"
@@ -265,6 +256,68 @@ def _cuda_flash_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, caus
         torch.empty(0, device=q.device),
         scale=scale,
     )
+
+
+def _cpu_flash_backward(dout, q, k, v, out, lse, causal, scale):
+    """One call of torch's CPU flash backward on ``[B, T, H, D]`` tensors of one compute dtype."""
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout.transpose(1, 2),
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        out.transpose(1, 2),
+        lse,
+        0.0,
+        causal,
+        scale=scale,
+    )
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+# torch's CPU flash kernels walk keys in blocks of 512 and queries in blocks of 256 (64 below 768 queries, 32
+# below 192), and compute in full every key block a query block reaches, masking afterwards: a causal call pays
+# for up to a 512-wide block past the diagonal on every query block, and below 768 tokens for the whole square.
+# The backward therefore cuts a causal call into diagonal tiles of _CPU_CAUSAL_TILE tokens and the full
+# rectangles below them (halving recursively; rectangles cut into squares of at most _CPU_CAUSAL_SIDE tokens, so
+# a piece's gradients stay small beside the whole), at the price of a few gradient additions. Measured with one
+# thread against one call: 0.70x the time at 512 tokens, 0.85x at 1K, 0.92x at 2K, 0.95x at 4K, 0.97x at 8K,
+# the same from 16K on. The forward would have to merge its pieces' outputs, which costs more than it saves
+# from 1K tokens on, so it stays one call.
+_CPU_CAUSAL_TILE = 128
+_CPU_CAUSAL_SIDE = 2048
+
+
+@functools.lru_cache(maxsize=256)
+def causal_tiles(length: int, tile: int, side: int) -> tuple[tuple[int, int, int, int, bool], ...]:
+    """``(q0, q1, k0, k1, causal)`` pieces that cover the causal square ``[0, length)`` once: causal squares of
+    at most ``tile`` tokens on the diagonal, full rectangles (queries after their keys) of at most ``side``
+    tokens a side below them."""
+    if length <= tile:
+        return ((0, length, 0, length, True),)
+    half = length // 2 if length < 2 * tile else (length // 2 // tile) * tile
+    below = tuple(
+        (q0, min(q0 + side, length), k0, min(k0 + side, half), False)
+        for q0 in range(half, length, side)
+        for k0 in range(0, half, side)
+    )
+    high = tuple(
+        (q0 + half, q1 + half, k0 + half, k1 + half, c) for q0, q1, k0, k1, c in causal_tiles(length - half, tile, side)
+    )
+    return (*causal_tiles(half, tile, side), *below, *high)
+
+
+def _cpu_causal_backward_tiled(dout, q, k, v, out, lse, scale):
+    """The causal backward as the pieces of :func:`causal_tiles`, each a call of the flash backward with the
+    rows' ``out`` and ``lse`` (pieces over disjoint keys: their gradients add up to the whole)."""
+    grads = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for q0, q1, k0, k1, causal in causal_tiles(q.shape[1], _CPU_CAUSAL_TILE, _CPU_CAUSAL_SIDE):
+        rows, keys = slice(q0, q1), slice(k0, k1)
+        piece = _cpu_flash_backward(
+            dout[:, rows], q[:, rows], k[:, keys], v[:, keys], out[:, rows], lse[:, :, rows], causal, scale
+        )
+        for total, part, span in zip(grads, piece, (rows, keys, keys), strict=True):
+            total[:, span] += part
+    return grads
 
 
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """Ulysses (DeepSpeed-Ulysses): all-to-all from sequence shards to head shards, full-sequence attention on
 ``heads / P`` heads, all-to-all back.
 
-q, k and v travel in ONE all-to-all (packed into one buffer, one copy each); the output comes back in one,
-and in the backward dout goes in one and dq, dk, dv come back in one.
+On NCCL q, k and v travel in ONE all-to-all (packed into one buffer, one copy each); the output comes back in
+one, and in the backward dout goes in one and dq, dk, dv come back in one. On gloo each tensor is its own
+all-to-all, all in flight at once (``Communicator.packs_messages``: there packing is the slower choice). The
+bytes are the same either way.
 
 When the KV heads do not divide by ``P`` (GQA with few KV heads) each KV head is replicated by the smallest
 factor that makes them divide, and autograd sums the copies' gradients. Query heads must divide by ``P``.
@@ -38,45 +40,65 @@ from distseq.parallel.sequence._blocks import (
 from distseq.parallel.sequence.base import SequenceStrategy, autocast_off, check_qkv_length, replicate_kv_heads
 from distseq.parallel.sequence.lasp2 import LASP2
 
-__all__ = ["UlyssesAttention", "check_head_sharding", "heads_to_seq", "seq_to_heads"]
+__all__ = ["HeadsToSeq", "SeqToHeads", "UlyssesAttention", "check_head_sharding", "heads_to_seq", "seq_to_heads"]
 
 
 def seq_to_heads(comm: Communicator, *tensors: torch.Tensor) -> list[torch.Tensor]:
     """Sequence shards ``[B, n, H_i, D]`` -> head shards ``[B, n * P, H_i / P, D]`` (ranks' tokens in rank
-    order), every tensor in one all-to-all. The results are views of the received buffer (copies for B > 1)."""
+    order). When ``comm.packs_messages`` every tensor travels in one all-to-all, packed into one buffer;
+    otherwise each in its own, all in flight before the first is awaited (each copy is made while the previous
+    tensor moves). One copy per tensor either way; the results are views of what was received (copies for
+    B > 1)."""
     p = comm.size
     batch, tokens, _, dim = tensors[0].shape
     heads = [x.shape[2] // p for x in tensors]
-    # [P, B, n, sum(H_i) / P, D]: part j holds every tensor's j-th head slice; one copy per tensor
+    # [P, B, n, H_i / P, D] each: part j holds the tensor's j-th head slice
     parts = [x.reshape(batch, tokens, p, h, dim).permute(2, 0, 1, 3, 4) for x, h in zip(tensors, heads, strict=True)]
-    send = torch.cat(parts, dim=3)
-    recv = comm.all_to_all_stacked(send)
-    full = recv.permute(1, 0, 2, 3, 4).reshape(batch, p * tokens, sum(heads), dim)
-    return list(full.split(heads, dim=2))
+    packed = comm.packs_messages and len(parts) > 1
+    if packed:
+        received = [comm.all_to_all_stacked(torch.cat(parts, dim=3))]
+    else:
+        handles = [comm.all_to_all_stacked(part.contiguous(), async_op=True) for part in parts]
+        received = [handle.wait() for handle in handles]
+    full = [recv.permute(1, 0, 2, 3, 4).reshape(batch, p * tokens, recv.shape[3], dim) for recv in received]
+    return list(full[0].split(heads, dim=2)) if packed else full
 
 
 def heads_to_seq(
     comm: Communicator, tensors: list[torch.Tensor], dtype: torch.dtype | None = None
 ) -> list[torch.Tensor]:
     """Inverse of :func:`seq_to_heads`: head shards ``[B, n * P, H_i / P, D]`` -> ``[B, n, H_i, D]`` in
-    ``dtype`` (default: each tensor's own; all must then share one), every tensor in one all-to-all.
+    ``dtype`` (default: each tensor's own; all must then share one), packed into one all-to-all or one each as
+    ``comm.packs_messages`` says. A tensor sent alone that is token-major with B = 1 (what the fused kernels
+    return) is sent as it is; anything else costs one (casting) copy.
 
-    Empties ``tensors`` as it packs them, so that a tensor nobody else holds (a gradient) is freed before the
+    Empties ``tensors`` as it sends them, so that a tensor nobody else holds (a gradient) is freed before the
     exchange rather than after it: the peak holds the packed buffer, not the packed buffer and its sources."""
     p = comm.size
     batch, total, _, dim = tensors[0].shape
     tokens = total // p
     heads = [x.shape[2] for x in tensors]
-    send = torch.empty(p, batch, tokens, sum(heads), dim, dtype=dtype or tensors[0].dtype, device=tensors[0].device)
-    offset = 0
-    for h in heads:  # one (casting) copy per tensor
-        x = tensors.pop(0)
-        send[:, :, :, offset : offset + h].copy_(x.reshape(batch, p, tokens, h, dim).transpose(0, 1))
-        offset += h
-    del x
-    recv = comm.all_to_all_stacked(send)
-    del send
-    parts = recv.permute(1, 2, 0, 3, 4).split(heads, dim=3)  # [B, n, P, H_i, D] each
+    dtype = dtype or tensors[0].dtype
+    if comm.packs_messages and len(tensors) > 1:
+        send = torch.empty(p, batch, tokens, sum(heads), dim, dtype=dtype, device=tensors[0].device)
+        offset = 0
+        for h in heads:  # one (casting) copy per tensor
+            x = tensors.pop(0)
+            send[:, :, :, offset : offset + h].copy_(x.reshape(batch, p, tokens, h, dim).transpose(0, 1))
+            offset += h
+        del x
+        recv = comm.all_to_all_stacked(send)
+        del send
+        parts = recv.permute(1, 2, 0, 3, 4).split(heads, dim=3)  # [B, n, P, H_i, D] each
+    else:
+        handles = []
+        for h in heads:
+            part = tensors.pop(0).reshape(batch, p, tokens, h, dim).transpose(0, 1)
+            send = part.to(dtype, memory_format=torch.contiguous_format)  # a view when it already is
+            handles.append(comm.all_to_all_stacked(send, async_op=True))
+        del part, send
+        # each received buffer is freed once copied out
+        return [handles.pop(0).wait().permute(1, 2, 0, 3, 4).reshape(batch, tokens, p * h, dim) for h in heads]
     return [part.reshape(batch, tokens, p * h, dim) for part, h in zip(parts, heads, strict=True)]
 
 
@@ -114,11 +136,11 @@ def _in_sequence_order(spec: AttentionSpec, device: torch.device) -> tuple[torch
     return _gathered_order(layout, device)
 
 
-def ulysses_forward(spec, comm, q, k, v, plan):
-    """Head-sharded full-sequence attention: returns (out, lse, q, k, v, reorder) in head-shard layout, in sequence
-    order when ``reorder`` (the index tensors of :func:`_in_sequence_order`) is not None, else in gathered order;
-    ``out`` is fp32 unless the whole sequence was one kernel call (then the kernel's own output)."""
-    qh, kh, vh = seq_to_heads(comm, q, k, v)
+def ulysses_forward(spec, qh, kh, vh, plan):
+    """Full-sequence attention on head shards (all ranks' tokens in gathered order): returns (out, lse, q, k, v,
+    reorder), in sequence order when ``reorder`` (the index tensors of :func:`_in_sequence_order`) is not None,
+    else in gathered order; ``out`` is fp32 unless the whole sequence was one kernel call (then the kernel's own
+    output)."""
     whole = single_block(plan, qh.shape[1], kh.shape[1])
     if whole is not None:  # the contiguous layout without documents: one causal call, nothing to merge
         return *spec.backend.forward(qh, kh, vh, whole[2], spec.scale), qh, kh, vh, None
@@ -132,7 +154,7 @@ def ulysses_forward(spec, comm, q, k, v, plan):
     return out, lse, qh, kh, vh, None
 
 
-def ulysses_backward(spec, comm, dout_h, qh, kh, vh, out, lse, plan, reorder):
+def ulysses_backward(spec, dout_h, qh, kh, vh, out, lse, plan, reorder):
     """(dq, dk, dv) in head-shard layout, gathered order (``dout_h`` in gathered order)."""
     whole = single_block(plan, qh.shape[1], kh.shape[1])
     if whole is not None:
@@ -149,25 +171,59 @@ def ulysses_backward(spec, comm, dout_h, qh, kh, vh, out, lse, plan, reorder):
     return dq, dk, dv
 
 
-class _UlyssesAttention(torch.autograd.Function):
+# The exchanges and the attention between them are separate autograd Functions, as in DeepSpeed-Ulysses: autograd
+# frees the attention's saved tensors (q, k, v, out on the rank's heads) as soon as its backward has run, before
+# dq, dk, dv are exchanged, so the backward's peak holds one or the other, not both.
+
+
+class SeqToHeads(torch.autograd.Function):
+    """``SeqToHeads.apply(comm, *tensors)``: :func:`seq_to_heads` (all in one dtype); the backward sends the
+    gradients back with :func:`heads_to_seq`, in that dtype."""
+
     @staticmethod
     @autocast_off
-    def forward(ctx, q, k, v, spec: AttentionSpec, comm: Communicator, plan: Plan):
-        out, lse, qh, kh, vh, reorder = ulysses_forward(spec, comm, q, k, v, plan)
-        ctx.save_for_backward(qh, kh, vh, out, lse)
-        ctx.spec, ctx.comm, ctx.plan, ctx.reorder = spec, comm, plan, reorder
-        gathered = out if reorder is None else out.index_select(1, reorder[1])
-        return heads_to_seq(comm, [gathered], dtype=q.dtype)[0]
+    def forward(ctx, comm: Communicator, *tensors: torch.Tensor):
+        ctx.comm, ctx.dtype = comm, tensors[0].dtype
+        return tuple(seq_to_heads(comm, *tensors))
+
+    @staticmethod
+    @autocast_off
+    def backward(ctx, *grads):
+        return None, *heads_to_seq(ctx.comm, list(grads), dtype=ctx.dtype)
+
+
+class HeadsToSeq(torch.autograd.Function):
+    """``HeadsToSeq.apply(x, comm, dtype)``: :func:`heads_to_seq` of one tensor, cast to ``dtype``; the backward
+    sends the gradient to head shards with :func:`seq_to_heads`."""
+
+    @staticmethod
+    @autocast_off
+    def forward(ctx, x: torch.Tensor, comm: Communicator, dtype: torch.dtype):
+        ctx.comm = comm
+        return heads_to_seq(comm, [x], dtype=dtype)[0]
 
     @staticmethod
     @autocast_off
     def backward(ctx, dout):
+        return seq_to_heads(ctx.comm, dout)[0], None, None
+
+
+class _HeadAttention(torch.autograd.Function):
+    """Full-sequence attention on this rank's heads, gathered order in and out (fp32 or the kernel's dtype)."""
+
+    @staticmethod
+    @autocast_off
+    def forward(ctx, qh, kh, vh, spec: AttentionSpec, plan: Plan):
+        out, lse, qh, kh, vh, reorder = ulysses_forward(spec, qh, kh, vh, plan)
+        ctx.save_for_backward(qh, kh, vh, out, lse)
+        ctx.spec, ctx.plan, ctx.reorder = spec, plan, reorder
+        return out if reorder is None else out.index_select(1, reorder[1])
+
+    @staticmethod
+    @autocast_off
+    def backward(ctx, dout_h):
         qh, kh, vh, out, lse = ctx.saved_tensors
-        comm = ctx.comm
-        (dout_h,) = seq_to_heads(comm, dout)
-        grads = list(ulysses_backward(ctx.spec, comm, dout_h, qh, kh, vh, out, lse, ctx.plan, ctx.reorder))
-        del dout_h
-        return *heads_to_seq(comm, grads, dtype=qh.dtype), None, None, None
+        return *ulysses_backward(ctx.spec, dout_h, qh, kh, vh, out, lse, ctx.plan, ctx.reorder), None, None
 
 
 class UlyssesAttention(SequenceStrategy):
@@ -195,7 +251,9 @@ class UlyssesAttention(SequenceStrategy):
         check_head_sharding("ulysses", q.shape[2], self.comm.size, "sp")
         k, v = replicate_kv_heads(k, v, q.shape[2], self.comm.size)
         everyone = range(self.comm.size)
-        return _UlyssesAttention.apply(q, k, v, spec, self.comm, block_plan(spec, everyone, everyone))
+        qh, kh, vh = SeqToHeads.apply(self.comm, q, k, v)
+        out = _HeadAttention.apply(qh, kh, vh, spec, block_plan(spec, everyone, everyone))
+        return HeadsToSeq.apply(out, self.comm, q.dtype)
 
     def linear_attention(
         self,

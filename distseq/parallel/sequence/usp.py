@@ -20,30 +20,29 @@ from distseq.parallel.layout import SequenceLayout
 from distseq.parallel.sequence._blocks import AttentionSpec
 from distseq.parallel.sequence.base import SequenceStrategy, autocast_off, replicate_kv_heads
 from distseq.parallel.sequence.ring import ring_attention_backward, ring_attention_forward, ring_plans
-from distseq.parallel.sequence.ulysses import check_head_sharding, heads_to_seq, seq_to_heads
+from distseq.parallel.sequence.ulysses import HeadsToSeq, SeqToHeads, check_head_sharding
 
 __all__ = ["USPAttention"]
 
 
-class _USPAttention(torch.autograd.Function):
-    @staticmethod
-    @autocast_off
-    def forward(ctx, q, k, v, spec: AttentionSpec, inner: Communicator, outer: Communicator, plans: list):
-        qh, kh, vh = seq_to_heads(inner, q, k, v)
-        out, lse = ring_attention_forward(spec, outer, qh, kh, vh, plans)
-        ctx.save_for_backward(qh, kh, vh, out, lse)
-        ctx.spec, ctx.inner, ctx.outer, ctx.plans = spec, inner, outer, plans
-        return heads_to_seq(inner, [out], dtype=q.dtype)[0]
+class _RingOnHeads(torch.autograd.Function):
+    """The ring part of USP on this rank's head shards (the Ulysses exchanges around it are Functions of their
+    own, so autograd frees this one's saved tensors before the gradients' exchange)."""
 
     @staticmethod
     @autocast_off
-    def backward(ctx, dout):
+    def forward(ctx, qh, kh, vh, spec: AttentionSpec, outer: Communicator, plans: list):
+        out, lse = ring_attention_forward(spec, outer, qh, kh, vh, plans)
+        ctx.save_for_backward(qh, kh, vh, out, lse)
+        ctx.spec, ctx.outer, ctx.plans = spec, outer, plans
+        return out
+
+    @staticmethod
+    @autocast_off
+    def backward(ctx, dout_h):
         qh, kh, vh, out, lse = ctx.saved_tensors
-        inner = ctx.inner
-        (dout_h,) = seq_to_heads(inner, dout)
-        grads = list(ring_attention_backward(ctx.spec, ctx.outer, dout_h, qh, kh, vh, out, lse, ctx.plans))
-        del dout_h
-        return *heads_to_seq(inner, grads, dtype=qh.dtype), None, None, None, None
+        grads = ring_attention_backward(ctx.spec, ctx.outer, dout_h, qh, kh, vh, out, lse, ctx.plans)
+        return *grads, None, None, None
 
 
 class USPAttention(SequenceStrategy):
@@ -70,4 +69,6 @@ class USPAttention(SequenceStrategy):
         k, v = replicate_kv_heads(k, v, q.shape[2], u)
 
         plans = ring_plans(spec, self.outer, lambda ring_rank: [ring_rank * u + i for i in range(u)])
-        return _USPAttention.apply(q, k, v, spec, self.inner, self.outer, plans)
+        qh, kh, vh = SeqToHeads.apply(self.inner, q, k, v)
+        out = _RingOnHeads.apply(qh, kh, vh, spec, self.outer, plans)
+        return HeadsToSeq.apply(out, self.inner, q.dtype)
