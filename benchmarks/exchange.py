@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,8 +35,8 @@ from distseq.testing import DistributedWorld
 HEADS, DIM = 8, 64
 
 
-def _exchanges(comm: Communicator, seq_len: int) -> dict[str, tuple]:
-    """name -> (packed call, one-per-tensor call) for one sequence length."""
+def _exchanges(comm: Communicator, seq_len: int) -> dict[str, Callable[[], None]]:
+    """name -> call for one sequence length; each call moves its tensors as ``comm.packs_messages`` says."""
     p = comm.size
     n = seq_len // p
     q, k, v, dout = (torch.randn(1, n, HEADS, DIM) for _ in range(4))
@@ -49,20 +50,16 @@ def _exchanges(comm: Communicator, seq_len: int) -> dict[str, tuple]:
         seq_to_heads(comm, dout)
         heads_to_seq(comm, list(head_shard))
 
-    def one_message():
-        comm.all_to_all_stacked(torch.empty(p, 1, n, 3 * HEADS // p, DIM))
-
-    def three_messages():
+    def exchange_only():  # the packed size in one message, or three of a third; no copies
+        if comm.packs_messages:
+            comm.all_to_all_stacked(torch.empty(p, 1, n, 3 * HEADS // p, DIM))
+            return
         shape = (p, 1, n, HEADS // p, DIM)
         handles = [comm.all_to_all_stacked(torch.empty(shape), async_op=True) for _ in range(3)]
         for handle in handles:
             handle.wait()
 
-    return {
-        "forward": (forward, forward),
-        "backward": (backward, backward),
-        "exchange_only": (one_message, three_messages),
-    }
+    return {"forward": forward, "backward": backward, "exchange_only": exchange_only}
 
 
 def job(seq_lens: list[int], repeats: int, threads: int) -> list[dict]:
@@ -75,8 +72,8 @@ def job(seq_lens: list[int], repeats: int, threads: int) -> list[dict]:
         for repeat in range(repeats + 2):  # the first two are warm-up; the mode that goes first alternates
             for packed in (True, False) if repeat % 2 else (False, True):
                 comm.packs_messages = packed
-                for name, calls in cases.items():
-                    seconds = slowest_seconds(comm, calls[0] if packed else calls[1])
+                for name, call in cases.items():
+                    seconds = slowest_seconds(comm, call)
                     if repeat >= 2:
                         times.setdefault((name, packed), []).append(seconds)
         for name in cases:

@@ -97,8 +97,8 @@ def heads_to_seq(
             send = part.to(dtype, memory_format=torch.contiguous_format)  # a view when it already is
             handles.append(comm.all_to_all_stacked(send, async_op=True))
         del part, send
-        # each received buffer is freed once copied out
-        return [handles.pop(0).wait().permute(1, 2, 0, 3, 4).reshape(batch, tokens, p * h, dim) for h in heads]
+        # taken one at a time below, so each received buffer is freed once copied out
+        parts = (handles.pop(0).wait().permute(1, 2, 0, 3, 4) for _ in heads)
     return [part.reshape(batch, tokens, p * h, dim) for part, h in zip(parts, heads, strict=True)]
 
 
